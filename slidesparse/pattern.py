@@ -220,6 +220,14 @@ def slide(w: torch.Tensor, pat: Pattern | str) -> torch.Tensor:
     return _no_negative_zero(out)
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    """Same-size integer view (moving values by their bits is exact, and works for fp8 on CPU)."""
+    return t if not t.is_floating_point() else t.view(_BITS[t.element_size()])
+
+
 def _no_negative_zero(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         zero = torch.zeros((), dtype=t.dtype, device=t.device)
@@ -300,7 +308,9 @@ def pack(ws: torch.Tensor, pat: Pattern | str) -> tuple[torch.Tensor, torch.Tens
         raise PatternError("weight is not 2:4 sparse; slide it first")
     win = ws.reshape(n, -1, 4)
     pos = _window_positions(win != 0)  # [N, nw, 2]
-    vals = _no_negative_zero(torch.gather(win, 2, pos)).reshape(n, -1)
+    # gather on the bit pattern: exact for every dtype, and CPU gather has no fp8 kernel
+    bits = _as_bits(_no_negative_zero(win))
+    vals = torch.gather(bits, 2, pos).view(ws.dtype).reshape(n, -1)
     nib = (pos[..., 0] | (pos[..., 1] << 2)).to(torch.uint8)  # [N, nw]
     if nib.shape[1] % 2:
         nib = torch.nn.functional.pad(nib, (0, 1))
@@ -324,9 +334,10 @@ def unpack(values: torch.Tensor, meta: torch.Tensor, pat: Pattern | str | None =
     i0, i1 = nib & 3, nib >> 2
     if bool((i0 >= i1).any()):
         raise PatternError("corrupt 2:4 metadata: kept positions must be strictly ascending")
-    out = torch.zeros(n, nw, 4, dtype=values.dtype, device=values.device)
-    out.scatter_(2, torch.stack([i0, i1], -1), values.reshape(n, nw, 2))
-    return out.reshape(n, nw * 4)
+    vbits = _as_bits(values)
+    out = torch.zeros(n, nw, 4, dtype=vbits.dtype, device=values.device)
+    out.scatter_(2, torch.stack([i0, i1], -1), vbits.reshape(n, nw, 2))
+    return out.view(values.dtype).reshape(n, nw * 4)
 
 
 def shard_packed(values: torch.Tensor, meta: torch.Tensor, pat: Pattern | str, k: int,

@@ -49,7 +49,7 @@ def _to_q(v: torch.Tensor, name: str) -> torch.Tensor:
     name = dtype_name(name)
     if name == "int8":
         return v.round().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return v.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return v.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def quantize_rows(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Compute backends behind one interface.
 
-The linear method (runtime/linear.py) unpacks a layer's checkpoint tensors into a SlidWeight once
+The linear method (runtime/config.py) unpacks a layer's checkpoint tensors into a SlidWeight once
 after loading and hands it to the chosen backend's prepare(); apply() then runs the whole layer
 (activation quant+slide, GEMM, dequant+bias) through exactly one custom op.
 
@@ -76,11 +76,32 @@ def _load_builtin() -> None:
         pass  # not built yet in this tree / no triton: reference only
 
 
-def select_backend(device: torch.device, requested: str | None = None) -> Backend:
+def check_supported(name: str, device: torch.device, weight_dtype: str | None = None) -> None:
+    """Raise BackendError for a backend/device/dtype combination that cannot run."""
+    if name != "cusparselt":
+        return  # the reference backend runs everywhere torch does
+    if device.type != "cuda":
+        raise BackendError(f"the cusparselt backend needs a CUDA GPU, but the model is on {device.type}; "
+                           f"use {ENV_BACKEND}=reference (or leave it unset)")
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 0):
+        raise BackendError(f"the cusparselt backend needs 2:4 sparse tensor cores (sm_80+), this GPU is "
+                           f"sm_{cap[0]}{cap[1]}; use {ENV_BACKEND}=reference")
+    if weight_dtype == "fp8_e4m3" and cap < (8, 9):
+        raise BackendError(f"FP8 SlideSparse checkpoints need sm_89+ (Ada, Hopper), this GPU is sm_{cap[0]}{cap[1]}; "
+                           f"convert with --dtype int8, or use {ENV_BACKEND}=reference to emulate")
+
+
+def select_backend(device: torch.device, requested: str | None = None,
+                   weight_dtype: str | None = None) -> Backend:
+    """The backend for a layer on `device`: SLIDESPARSE_BACKEND > `requested` (from the checkpoint's
+    quantization_config "backend") > by device. `weight_dtype` lets unsupported combinations fail
+    here, with the reason, instead of inside a kernel."""
     _load_builtin()
     name = os.environ.get(ENV_BACKEND) or requested
     if not name or name == "auto":
         name = "cusparselt" if (device.type == "cuda" and "cusparselt" in _REGISTRY) else "reference"
+    check_supported(name, device, weight_dtype)
     if name not in _REGISTRY:
-        raise BackendError(f"unknown SlideSparse backend {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+        raise BackendError(f"unknown SlideSparse backend {name!r}; available here: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]()

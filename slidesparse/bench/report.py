@@ -1,0 +1,194 @@
+"""Kernel-benchmark outputs: CSV + JSON (all rows), a markdown summary with the targets, a PNG plot.
+
+Each file is written to a temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from pathlib import Path
+
+TARGETS = [  # (preset, M, dtype, sparsity, min whole-linear speedup summed over the four shapes)
+    ("qwen2.5-7b", 16384, "fp8_e4m3", "2_8", 1.15),
+    ("qwen2.5-7b", 16384, "fp8_e4m3", "2_4", 1.45),
+    ("qwen2.5-7b", 16384, "int8", "2_8", 1.20),
+]
+QUANT_BW_TARGET = 0.75
+LAYERS = ("qkv", "o", "gate_up", "down")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _index(rows):
+    t = {}
+    for r in rows:
+        t[(r["preset"], r["layer"], r["m"], r["dtype"], r["variant"], r["part"])] = r
+    return t
+
+
+def summed_speedup(rows, preset, m, dtype, sparsity, part="linear"):
+    """sum over the preset's four shapes of dense time / the same sum for the sparsity."""
+    t = _index(rows)
+    layers = LAYERS  # all four, or no sum: a partial sum would flatter or hide a shape
+    try:
+        d = sum(t[(preset, ly, m, dtype, "dense", part)]["ms"] for ly in layers)
+        s = sum(t[(preset, ly, m, dtype, sparsity, part)]["ms"] for ly in layers)
+    except KeyError:
+        return None
+    return d / s
+
+
+def quant_bandwidth(rows, copy_gbs):
+    """Achieved bytes/s of quant+slide (x read once in bf16, x' written, scales) per row."""
+    out = []
+    for r in rows:
+        if r["part"] != "quant":
+            continue
+        kq = -(-r["k_lifted"] // 64) * 64
+        mp = -(-r["m"] // 16) * 16
+        nbytes = r["m"] * r["k"] * 2 + mp * kq + r["m"] * 4
+        gbs = nbytes / (r["ms"] * 1e-3) / 1e9
+        out.append({**{k: r[k] for k in ("preset", "layer", "m", "k", "dtype", "variant")},
+                    "gbs": gbs, "frac_copy": gbs / copy_gbs})
+    return out
+
+
+def markdown(rows, env: dict) -> str:
+    b = io.StringIO()
+    w = b.write
+    w(f"# Kernel benchmark: {env.get('device')}\n\n")
+    w(f"Command: `{env.get('command')}`  \n")
+    if env.get("note"):
+        w(f"{env['note']}\n\n")
+    if env.get("partial"):
+        w("**Partial run: interrupted before every configuration was measured.**\n\n")
+    w(f"torch {env.get('torch')}, triton {env.get('triton')}, cuSPARSELt {env.get('cusparselt')}; "
+      f"device-to-device copy {env.get('copy_gbs', 0):.0f} GB/s (read + write). "
+      f"Times are medians of interleaved rounds of CUDA-graph replays (ms per call).\n\n")
+    w("## Targets (whole linear, summed over the four shapes)\n\n| preset | M | dtype | sparsity | speedup | target | met |\n|---|---|---|---|---|---|---|\n")
+    for preset, m, dt, sp, tgt in TARGETS:
+        s = summed_speedup(rows, preset, m, dt, sp)
+        g = summed_speedup(rows, preset, m, dt, sp, part="gemm")
+        if s is None:
+            w(f"| {preset} | {m} | {dt} | {sp} | not measured | {tgt} | - |\n")
+        else:
+            w(f"| {preset} | {m} | {dt} | {sp} | {s:.3f}x (GEMM alone {g:.3f}x) | {tgt}x | {'yes' if s >= tgt else 'NO'} |\n")
+    bw = quant_bandwidth(rows, env.get("copy_gbs", 1))
+    if bw:
+        big = [r for r in bw if r["m"] >= 4096]
+        if big:
+            fr = sorted(r["frac_copy"] for r in big)
+            w(f"\nquant+slide bandwidth at M >= 4096: median {statistics_median(fr):.2f}, min {fr[0]:.2f}, "
+              f"max {fr[-1]:.2f} of the copy bandwidth (target {QUANT_BW_TARGET}).\n")
+    presets = sorted({r["preset"] for r in rows})
+    dtypes = sorted({r["dtype"] for r in rows})
+    sps = [s for s in ("2_4", "2_6", "2_8", "2_10", "2_inf") if any(r["variant"] == s for r in rows)]
+    for p in presets:
+        for dt in dtypes:
+            ms = sorted({r["m"] for r in rows if r["preset"] == p and r["dtype"] == dt})
+            if not ms:
+                continue
+            w(f"\n## {p}, {dt}: speedup over dense, summed over qkv/o/gate_up/down (whole linear; GEMM alone)\n\n")
+            w("| M | dense linear ms | " + " | ".join(sps) + " |\n|---|---|" + "---|" * len(sps) + "\n")
+            t = _index(rows)
+            layers = LAYERS
+            for m in ms:
+                try:
+                    dl = sum(t[(p, ly, m, dt, "dense", "linear")]["ms"] for ly in layers)
+                except KeyError:
+                    continue
+                cells = []
+                for sp in sps:
+                    s = summed_speedup(rows, p, m, dt, sp)
+                    g = summed_speedup(rows, p, m, dt, sp, "gemm")
+                    cells.append("-" if s is None else f"{s:.2f} ({g:.2f})")
+                w(f"| {m} | {dl:.3f} | " + " | ".join(cells) + " |\n")
+    return b.getvalue()
+
+
+def statistics_median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def plot_png(rows, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    presets = sorted({r["preset"] for r in rows})
+    dtypes = sorted({r["dtype"] for r in rows})
+    sps = [s for s in ("2_4", "2_6", "2_8", "2_10", "2_inf") if any(r["variant"] == s for r in rows)]
+    fig, axes = plt.subplots(len(presets), len(dtypes), figsize=(6 * len(dtypes), 4 * len(presets)), squeeze=False)
+    for i, p in enumerate(presets):
+        for j, dt in enumerate(dtypes):
+            ax = axes[i][j]
+            ms = sorted({r["m"] for r in rows if r["preset"] == p and r["dtype"] == dt})
+            for sp in sps:
+                ys = [summed_speedup(rows, p, m, dt, sp) for m in ms]
+                pts = [(m, y) for m, y in zip(ms, ys) if y is not None]
+                if pts:
+                    ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=f"{sp} linear")
+                gs = [summed_speedup(rows, p, m, dt, sp, "gemm") for m in ms]
+                pts = [(m, y) for m, y in zip(ms, gs) if y is not None]
+                if pts and sp in ("2_4", "2_8"):
+                    ax.plot([a for a, _ in pts], [b for _, b in pts], linestyle="--", alpha=0.6, label=f"{sp} GEMM")
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{p} {dt}: speedup over dense")
+            ax.set_xlabel("M (tokens)")
+            ax.set_ylabel("dense time / SlideSparse time")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return True
+
+
+def write_all(rows, env: dict, outdir: Path, stem: str = "kernel_bench", plot: bool = True) -> list[Path]:
+    outdir.mkdir(parents=True, exist_ok=True)
+    dicts = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r) for r in rows]
+    paths = []
+    buf = io.StringIO()
+    cw = csv.DictWriter(buf, fieldnames=list(dicts[0]))
+    cw.writeheader()
+    cw.writerows(dicts)
+    p = outdir / f"{stem}.csv"
+    _atomic_write(p, buf.getvalue().encode())
+    paths.append(p)
+    summary = {"env": env, "targets": [], "quant_bandwidth": quant_bandwidth(dicts, env.get("copy_gbs", 1))}
+    for preset, m, dt, sp, tgt in TARGETS:
+        summary["targets"].append({"preset": preset, "m": m, "dtype": dt, "sparsity": sp, "target": tgt,
+                                   "linear": summed_speedup(dicts, preset, m, dt, sp),
+                                   "gemm": summed_speedup(dicts, preset, m, dt, sp, "gemm")})
+    p = outdir / f"{stem}.json"
+    _atomic_write(p, json.dumps({"summary": summary, "rows": dicts}, indent=1).encode())
+    paths.append(p)
+    p = outdir / f"{stem}.md"
+    _atomic_write(p, markdown(dicts, env).encode())
+    paths.append(p)
+    p = outdir / f"{stem}.png"
+    if plot and plot_png(dicts, p):
+        paths.append(p)
+    return paths
+
+
+def load_rows(path: Path) -> tuple[list[dict], dict]:
+    d = json.loads(Path(path).read_text())
+    return d["rows"], d["summary"]["env"]
+
+
+__all__ = ["write_all", "markdown", "summed_speedup", "quant_bandwidth", "load_rows", "TARGETS"]
