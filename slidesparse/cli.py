@@ -127,6 +127,7 @@ def verify(
 ):
     """Check every packed layer (valid 2:4, canonical, unpacks to Z_L; equals the source if given)."""
     from .convert.verify import verify as run
+    _keep_freed_memory()
     try:
         r = run(ckpt, source=source, progress=sys.stderr.isatty())
     except _user_errors() as e:

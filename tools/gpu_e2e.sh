@@ -9,8 +9,9 @@
 set -euo pipefail
 preset=$1 out=$2 workload=$3; shift 3
 source /tmp/site/env.sh
-pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || pip install -q --no-deps --no-build-isolation -e .
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -m pip install -q --no-deps --no-build-isolation -e .
 m=/root/models/$preset
+slidesparse() { python3 -m slidesparse.cli "$@"; }
 [ -f "$m/config.json" ] || slidesparse make-model --preset "$preset" --out "$m"
 args=()
 for v in "$@"; do

@@ -4,10 +4,11 @@
 # reference backend, and compare the greedy tokens. Writes $OUT/smoke_*.json.
 set -euo pipefail
 source /tmp/site/env.sh
-pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 export PYTHONUNBUFFERED=1 OUT=${OUT:-out/smoke}
 mkdir -p "$OUT"
 d=/root/models
+slidesparse() { python3 -m slidesparse.cli "$@"; }
 ckpts=()
 for spec in "tiny-llama 2_8 fp8" "tiny-llama 2_4 int8" "tiny-qwen2 2_6 fp8" "tiny-bitnet 2_8 int8"; do
   set -- $spec

@@ -9,7 +9,6 @@ Both accept SlideSparse checkpoints and the dense compressed-tensors W8A8 export
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import torch

@@ -79,7 +79,9 @@ def verify(path, source=None, progress: bool = False) -> dict:
                 continue
             if name not in src.ckpt.tensors:
                 raise VerifyError(f"{name}: not in the source checkpoint")
-            if not _bits_equal(ckpt.get(name), src.ckpt.get(name)):
+            a, b = ckpt.get(name), src.ckpt.get(name)
+            # copied means byte for byte (no -0.0 normalisation), compared without extra copies
+            if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
                 raise VerifyError(f"{name}: differs from the source (copied tensors must be identical)")
         missing = set(src.modules) - converted
         if missing:
