@@ -15,7 +15,7 @@ def _cuda_ok() -> bool:
 def pytest_collection_modifyitems(config, items):
     if _cuda_ok():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (sm >= 8.0); run on the GPU host: see docs/testing.md")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (sm >= 8.0); run on the GPU host: see docs/gpu-host.md")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -68,12 +68,10 @@ def available() -> list[str]:
 
 
 def _load_builtin() -> None:
-    # importing the modules registers them; the CUDA backend imports lazily (no CUDA init here)
+    # importing the modules registers them; cusparselt_backend imports Triton and touches CUDA
+    # only when a layer is prepared, so this works (and must not fail) on CPU-only machines
     from . import reference_backend  # noqa: F401
-    try:
-        from ..kernels import cusparselt_backend  # noqa: F401
-    except ImportError:
-        pass  # not built yet in this tree / no triton: reference only
+    from ..kernels import cusparselt_backend  # noqa: F401
 
 
 def check_supported(name: str, device: torch.device, weight_dtype: str | None = None) -> None:
