@@ -10,14 +10,16 @@ multiples of 32, the dense one multiples of 16. The runtime pads N to 32 (zero r
 K_ALIGN (zero columns) once at load; quant+slide writes x' with M padded to M_ALIGN.
 
 What torch's binding does per call (read from ATen's cuSPARSELtOps.cpp): it initialises the
-descriptors and the plan on the host and takes the workspace from the caching allocator; it never
-synchronises, and the calls capture into CUDA graphs (measured: replays are bit-identical). The
-host cost disappears under vLLM's CUDA graphs; it is the reason the decode policy may prefer the
-dense path at tiny M in eager mode (docs/performance.md).
+descriptors and the plan on the host (0.6-1.2 ms per call on the H100 host) and takes the workspace
+from the caching allocator; it never synchronises and captures into CUDA graphs. sparse_mm therefore
+goes through kernels/cslt_plan.py by default, which builds each plan once and is bit-identical to
+torch's binding (tests/gpu/test_cslt_plan.py); SLIDESPARSE_CSLT_IMPL=torch selects torch's binding.
+Compression and the algorithm search stay with torch's binding.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -28,6 +30,7 @@ __all__ = ["K_ALIGN", "N_ALIGN", "M_ALIGN", "compress", "sparse_mm", "search_alg
 K_ALIGN = 64
 N_ALIGN = 32
 M_ALIGN = 16
+DEFAULT_IMPL = "plan"
 
 
 class CusparseltError(RuntimeError):
@@ -44,6 +47,10 @@ def acc_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
     if weight_dtype in (torch.float8_e4m3fn, torch.int8):
         return torch.bfloat16
     return weight_dtype
+
+
+def padded_n(n: int) -> int:
+    return -(-n // N_ALIGN) * N_ALIGN
 
 
 def pad_weight(w: torch.Tensor) -> torch.Tensor:
@@ -66,9 +73,28 @@ def compress(w_slid: torch.Tensor) -> torch.Tensor:
     return torch._cslt_compress(w.contiguous())
 
 
+IMPL_ENV = "SLIDESPARSE_CSLT_IMPL"
+
+
+def _impl() -> str:
+    """'plan' (kernels/cslt_plan.py: plans cached, one cusparseLtMatmul per call) or 'torch'
+    (torch._cslt_sparse_mm: descriptors and plan rebuilt on the host at every call)."""
+    impl = os.environ.get(IMPL_ENV, DEFAULT_IMPL)
+    if impl not in ("plan", "torch"):
+        raise CusparseltError(f"{IMPL_ENV} must be 'plan' or 'torch', got {impl!r}")
+    return impl
+
+
 def sparse_mm(w_compressed: torch.Tensor, xq: torch.Tensor, out_dtype: torch.dtype | None,
-              alg_id: int = 0, split_k: int = 1, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """xq [M_pad, K'_pad] (row-major) -> acc [M_pad, N_pad] row-major (transpose_result)."""
+              alg_id: int = 0, split_k: int = 1, bias: torch.Tensor | None = None,
+              n: int | None = None) -> torch.Tensor:
+    """xq [M_pad, K'_pad] (row-major) -> acc [M_pad, N_pad] row-major (transpose_result).
+
+    n (the padded row count of W) selects the plan-caching path when SLIDESPARSE_CSLT_IMPL allows.
+    """
+    if n is not None and bias is None and _impl() == "plan":
+        from . import cslt_plan
+        return cslt_plan.sparse_mm(w_compressed, n, xq, out_dtype, alg_id=alg_id, split_k=split_k)
     kwargs = {}
     if split_k != 1:
         kwargs["split_k"] = split_k

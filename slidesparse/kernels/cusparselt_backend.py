@@ -116,12 +116,12 @@ def _run(x: torch.Tensor, wc: torch.Tensor, w_scale: torch.Tensor | None, bias: 
         out = _dense(p, x2, w_scale, bias, quant_only)
     elif p.act_dtype is None:
         xq, _ = quant_slide(x2, p.pattern, None, k_align=cl.K_ALIGN, m_align=cl.M_ALIGN, out_dtype=p.weight_dtype)
-        acc = cl.sparse_mm(wc, xq, None, alg_id=alg, split_k=split_k)
+        acc = cl.sparse_mm(wc, xq, None, alg_id=alg, split_k=split_k, n=cl.padded_n(p.n))
         out = acc[:m, :p.n]
         out = out + bias.to(out.dtype) if bias is not None else out.contiguous()
     else:
         xq, s_tok = quant_slide(x2, p.pattern, p.act_dtype, k_align=cl.K_ALIGN, m_align=cl.M_ALIGN)
-        acc = cl.sparse_mm(wc, xq, p.acc_dtype, alg_id=alg, split_k=split_k)
+        acc = cl.sparse_mm(wc, xq, p.acc_dtype, alg_id=alg, split_k=split_k, n=cl.padded_n(p.n))
         out = dequant(acc, s_tok, w_scale, bias, x.dtype, m=m, n=p.n)
     return out.to(x.dtype).reshape(*x.shape[:-1], p.n)
 
@@ -181,7 +181,7 @@ def _check_algs(plan: LayerPlan, wc: torch.Tensor) -> None:
         if kind != "sparse" or (alg == 0 and split_k == 1):
             continue
         try:
-            cl.sparse_mm(wc, probe, out_dt, alg_id=alg, split_k=split_k)
+            cl.sparse_mm(wc, probe, out_dt, alg_id=alg, split_k=split_k, n=cl.padded_n(plan.n))
         except RuntimeError as e:
             warnings.warn(f"slidesparse: tuned cuSPARSELt alg {alg} (split_k {split_k}) does not run for "
                           f"N={plan.n} K'={plan.k_lifted}: {str(e).splitlines()[0]}; using the default")
