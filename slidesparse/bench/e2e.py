@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .report import _atomic_write
+
 WORKLOADS = {
     "prefill": dict(input_len=2048, output_len=1, num_prompts=256, max_batched=16384, metric="tokens_per_second"),
     "decode": dict(input_len=16, output_len=256, num_prompts=256, max_batched=16384, metric="output_tokens_per_second"),
@@ -105,8 +107,8 @@ def run(variants: list[Variant], workloads: list[str], out_dir: Path, timeout: f
               "argv": shlex.join(sys.argv), "workloads": {k: WORKLOADS[k] for k in workloads},
               "variants": [v.__dict__ | {"extra": list(v.extra)} for v in variants],
               "results": results, "gpu": _gpu_name(), "versions": _versions()}
-    (out_dir / "e2e.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "e2e.md").write_text(markdown(report))
+    _atomic_write(out_dir / "e2e.json", json.dumps(report, indent=2).encode())
+    _atomic_write(out_dir / "e2e.md", markdown(report).encode())
     try:
         plot(report, out_dir / "e2e.png")
     except ImportError:
@@ -174,4 +176,6 @@ def plot(report: dict, path: Path) -> None:
             ax.text(i, r["value"] / base, f"{r['value'] / 1000:.0f}k", ha="center", va="bottom", fontsize=8)
     fig.suptitle(f"vLLM end-to-end, {report['gpu'] or 'CPU'}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
