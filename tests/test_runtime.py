@@ -297,8 +297,9 @@ def test_checkpoint_validation(tiny_ckpt):
 
 
 def test_torch_reference_decodes_what_the_converter_wrote(tiny_ckpt):
-    from slidesparse.runtime.torch_reference import dense_from_checkpoint
-    ours = {m: (q, s) for m, q, s in dense_from_checkpoint(str(tiny_ckpt / "2_8"))}
+    from slidesparse.runtime.torch_reference import RefLinear, TorchReference
+    ref = TorchReference(str(tiny_ckpt / "2_8"))
+    ours = {m: (mod.w_q, mod.scale) for m, mod in ref.model.named_modules() if isinstance(mod, RefLinear)}
     theirs = {m: (q, s) for m, q, s in dense_weights(tiny_ckpt / "2_8")}
     assert ours.keys() == theirs.keys() and len(ours) == 14
     for m in ours:

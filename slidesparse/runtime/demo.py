@@ -57,7 +57,7 @@ def main(ckpt: str, timeout: float = 600) -> int:
                 print(f"error: vLLM did not load the checkpoint through the slidesparse plugin; see {log_path}",
                       file=sys.stderr)
                 return 2
-            print(f"[demo] vllm serve loaded it with quantization=slidesparse and shut down cleanly", flush=True)
+            print("[demo] vllm serve loaded it with quantization=slidesparse and shut down cleanly", flush=True)
             return 0
         finally:
             if proc.poll() is None:

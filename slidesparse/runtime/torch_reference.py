@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
@@ -21,7 +20,6 @@ from torch import nn
 
 from ..format import SUFFIX_META, SUFFIX_SCALE, SUFFIX_SHAPE, SUFFIX_VALUES, SlideSparseConfig
 from ..kernels.reference import linear_ref
-from ..pattern import unpack, unslide
 
 _SUFFIXES = (SUFFIX_VALUES, SUFFIX_META, SUFFIX_SCALE, SUFFIX_SHAPE)
 
@@ -45,34 +43,20 @@ def _tensors(ckpt: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def dense_from_checkpoint(ckpt: str) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
-    """(module, w_q [N, K] unslid codes in the storage dtype, scale [N] or None) of every converted
-    layer, decoded from the packed form (unpack -> unslide)."""
-    cfg = SlideSparseConfig.from_dict(json.load(open(os.path.join(ckpt, "config.json")))["quantization_config"])
-    t = _tensors(ckpt)
-    for key in sorted(t):
-        if not key.endswith("." + SUFFIX_VALUES):
-            continue
-        mod = key[: -len(SUFFIX_VALUES) - 1]
-        n, k = (int(v) for v in t[f"{mod}.{SUFFIX_SHAPE}"].tolist())
-        slid = unpack(t[key], t[f"{mod}.{SUFFIX_META}"], cfg.pattern)
-        yield mod, unslide(slid, cfg.pattern, k), t.get(f"{mod}.{SUFFIX_SCALE}")
-
-
 class TorchReference:
     """model = TorchReference(ckpt_dir); model.greedy([[1, 2, 3]], max_new_tokens=8).
 
     ckpt_dir: a SlideSparse checkpoint, or the dense W8A8 compressed-tensors one of the converter."""
 
-    def __init__(self, ckpt: str, dtype: torch.dtype = torch.float32,
-                 weights: Iterator[tuple[str, torch.Tensor, torch.Tensor | None]] | None = None):
+    def __init__(self, ckpt: str, dtype: torch.dtype = torch.float32):
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from ..convert import dense_weights
+
         raw = json.load(open(os.path.join(ckpt, "config.json")))["quantization_config"]
+        weights = list(dense_weights(ckpt))  # the converter's own decoding of what it wrote
         if raw.get("quant_method") == "compressed-tensors":
             # the dense W8A8 baseline the converter writes: same per-token activation scheme
-            from ..convert import dense_weights
-            weights = list(dense_weights(ckpt))
             act = "int8" if weights[0][1].dtype == torch.int8 else "fp8_e4m3"
             drop = {f"{m}.{s}" for m, _, _ in weights for s in ("weight", "weight_scale")}
         else:
@@ -87,7 +71,7 @@ class TorchReference:
         plain = {k: v.to(dtype) for k, v in tensors.items()
                  if k.rpartition(".")[2] not in _SUFFIXES and k not in drop}
         converted = set()
-        for mod, w_q, scale in (weights if weights is not None else dense_from_checkpoint(ckpt)):
+        for mod, w_q, scale in weights:
             bias = plain.pop(f"{mod}.bias", None)
             model.set_submodule(mod, RefLinear(w_q, scale, bias, act))
             converted.add(mod)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..format import SUFFIX_SHAPE, TUNING_FILE, FormatError, SlideSparseConfig, empty_tuning
+from ..format import SUFFIX_SHAPE, TUNING_FILE, SlideSparseConfig, empty_tuning
 from ..quant import DTYPES
 
 M_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
@@ -27,28 +27,18 @@ class TuneError(ValueError):
 
 def checkpoint_shapes(ckpt: Path) -> tuple[SlideSparseConfig, list[tuple[int, int]]]:
     """(config, sorted distinct (N, K)) of a SlideSparse checkpoint folder."""
-    cfg_path = ckpt / "config.json"
-    if not cfg_path.is_file():
-        raise TuneError(f"{ckpt} has no config.json; is it a SlideSparse checkpoint?")
+    from ..convert.errors import ConvertError
+    from ..convert.load import checkpoint_kind
+    from ..convert.reader import Checkpoint
+
     try:
-        qc = json.loads(cfg_path.read_text()).get("quantization_config")
-        cfg = SlideSparseConfig.from_dict(qc if qc is not None else {})
-    except (json.JSONDecodeError, FormatError) as e:
-        raise TuneError(f"{cfg_path}: {e}") from None
-    files = sorted(ckpt.glob("*.safetensors"))
-    if not files:
-        raise TuneError(f"{ckpt} has no .safetensors files")
-    from safetensors import SafetensorError, safe_open
-    shapes = set()
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                for name in h.keys():
-                    if name.endswith("." + SUFFIX_SHAPE):
-                        n, k = (int(v) for v in h.get_tensor(name).tolist())
-                        shapes.add((n, k))
-        except (SafetensorError, OSError) as e:
-            raise TuneError(f"{f}: unreadable safetensors ({e})") from None
+        c = Checkpoint(ckpt)  # validates config.json and every safetensors header
+        kind, cfg = checkpoint_kind(c)
+    except ConvertError as e:
+        raise TuneError(str(e)) from None
+    if kind != "slidesparse":
+        raise TuneError(f"{ckpt} is a dense {kind} checkpoint: nothing to tune")
+    shapes = {tuple(int(v) for v in c.get(name).tolist()) for name in c.tensors if name.endswith("." + SUFFIX_SHAPE)}
     if not shapes:
         raise TuneError(f"{ckpt}: no converted layers ({SUFFIX_SHAPE} tensors) found")
     return cfg, sorted(shapes)
