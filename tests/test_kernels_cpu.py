@@ -55,12 +55,19 @@ def test_triton_kernels_under_interpreter():
         from slidesparse.kernels.reference import quant_slide_ref, dequant_ref
         from slidesparse.pattern import lift
         g = torch.Generator().manual_seed(3)
+        from slidesparse.kernels import quant_slide as qs
+        from slidesparse.pattern import parse_pattern
         for sp in ("2_4", "2_6", "2_8", "2_10", "2_inf"):
-            for m, k, dt in ((3, 40, torch.bfloat16), (2, 130, torch.float16), (2, 131, torch.bfloat16)):
+            # 8200: the tile gather's two-pass path at 2_8, 2_10 and 2_inf
+            for m, k, dt in ((3, 40, torch.bfloat16), (2, 130, torch.float16), (2, 131, torch.bfloat16),
+                             (1, 8200, torch.bfloat16)):
                 x = (torch.randn(m, k, generator=g) * 3).to(dt)
-                q, s = quant_slide(x, sp, "int8", k_align=64, m_align=16)
                 qr, sr = quant_slide_ref(x, sp, "int8", k_align=64)
-                assert torch.equal(q[:m], qr) and torch.equal(s, sr) and not q[m:].any(), sp
+                for gather in ("tile", "elem"):
+                    q, s = qs._launch(x, parse_pattern(sp), "int8", 64, 16, None, False, gather)
+                    assert torch.equal(q[:m], qr) and torch.equal(s, sr) and not q[m:].any(), (sp, k, gather)
+                q, s = quant_slide(x, sp, "int8", k_align=64, m_align=16)
+                assert torch.equal(q[:m], qr) and torch.equal(s, sr), sp
                 xl, _ = quant_slide(x.half(), sp, None, k_align=16)
                 r = lift(x.half(), sp)
                 assert torch.equal(xl[:, :r.shape[1]], r) and not xl[:, r.shape[1]:].any(), sp
@@ -176,4 +183,87 @@ def test_tune_reads_a_converted_checkpoint(tmp_path):
     convert(tmp_path / "src", tmp_path / "ckpt", sparsity="2_8", dtype="int8")
     cfg, shapes = checkpoint_shapes(tmp_path / "ckpt")
     assert cfg.sparsity == "2_8" and cfg.weight_dtype == "int8"
-    assert shapes == [(80, 240), (240, 240), (240, 480), (480, 240)]  # k/v, q/o, down, gate/up of tiny-qwen2
+    # the layers vLLM builds: o (240, 240), down (240, 480), qkv 240+80+80, gate_up 2*480
+    assert shapes == [(240, 240), (240, 480), (400, 240), (960, 240)]
+
+
+def test_tune_shapes_follow_vllm_fusion_and_tp():
+    from slidesparse.tune.search import runtime_shapes
+    cfg = {"num_attention_heads": 32, "hidden_size": 2048, "head_dim": 64}      # Llama-3.2-1B
+    proj = {}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        proj.update({p + "self_attn.q_proj": (2048, 2048), p + "self_attn.k_proj": (512, 2048),
+                     p + "self_attn.v_proj": (512, 2048), p + "self_attn.o_proj": (2048, 2048),
+                     p + "mlp.gate_proj": (8192, 2048), p + "mlp.up_proj": (8192, 2048),
+                     p + "mlp.down_proj": (2048, 8192)})
+    assert runtime_shapes(proj, cfg) == [(2048, 2048), (2048, 8192), (3072, 2048), (16384, 2048)]
+    assert runtime_shapes(proj, cfg, tp=2) == [(1536, 2048), (2048, 1024), (2048, 4096), (8192, 2048)]
+    # 8 KV heads over 16 ranks: each rank keeps one replicated head of 64 rows for k and for v
+    assert (128 + 64 + 64, 2048) in runtime_shapes(proj, cfg, tp=16)
+
+
+
+def test_traced_cusparselt_layer_routes_buckets(monkeypatch):
+    """The layer as torch.compile traces it (quant(+slide) and dequant in torch ops around
+    slidesparse::cusparselt_mm), on the CPU: the two GEMMs are emulated in float32, everything
+    else is the real code. A small M takes the dense bucket, a large one the sparse GEMM; both
+    must equal the eager reference composition, at M the trace never saw."""
+    from slidesparse.kernels import cusparselt as cl
+    from slidesparse.kernels import cusparselt_backend as cb
+    from slidesparse.kernels.reference import dequant_ref, quant_ref, quant_slide_ref
+    from slidesparse.pattern import parse_pattern
+    pat, n, k = parse_pattern("2_8"), 64, 96
+    g = torch.Generator().manual_seed(5)
+    kl = pat.lifted_k(k) + (-pat.lifted_k(k)) % cl.K_ALIGN
+    w_lifted = (torch.randn(n, kl, generator=g) * 4).to(torch.float8_e4m3fn)
+    w_dense = (torch.randn(n, k, generator=g) * 4).to(torch.float8_e4m3fn)
+    s_ch, bias = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g).bfloat16()
+    monkeypatch.setattr(cl, "sparse_mm", lambda wc, xq, out_dtype, alg_id=0, split_k=1, n=None:
+                        (xq.float() @ wc.float().T).to(out_dtype))
+    monkeypatch.setattr(cb, "_dense_unscaled", lambda p, xd: (xd.float() @ p.dense_weight.float().T).to(p.acc_dtype))
+    plan = cb.LayerPlan(pattern=pat, n=n, k=k, k_lifted=pat.lifted_k(k), weight_dtype=torch.float8_e4m3fn,
+                        act_dtype="fp8_e4m3", acc_dtype=torch.bfloat16, bounds=[16, 65536],
+                        choices=[("dense", 0, 1), ("sparse", 0, 1)], dense_weight=w_dense)
+    cb._PLANS.append(plan)
+    layer = torch.nn.Module()
+    layer.ss_w_compressed, layer.ss_w_scale, layer.ss_layer_id = w_lifted, s_ch, len(cb._PLANS) - 1
+    f = torch.compile(lambda x: cb.CusparseltBackend().apply(layer, x, bias), dynamic=True, fullgraph=True)
+    for m, dense in ((3, True), (16, True), (40, False), (300, False)):
+        x = (torch.randn(1, m, k, generator=g) * 2).bfloat16()
+        out = f(x)
+        if dense:
+            q, s = quant_ref(x[0], "fp8_e4m3")
+            acc = (q.float() @ w_dense.float().T).bfloat16()
+        else:
+            q, s = quant_slide_ref(x[0], pat, "fp8_e4m3", k_align=cl.K_ALIGN)
+            acc = (q.float() @ w_lifted.float().T).bfloat16()
+        ref = dequant_ref(acc, s, s_ch, bias, torch.bfloat16)
+        assert out.shape == (1, m, n)
+        torch.testing.assert_close(out[0].float(), ref.float(), rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("sp", ["2_4", "2_6", "2_8", "2_10", "2_inf"])
+def test_torch_quant_slide_equals_reference(sp):
+    """impl='torch' (views and a cat: what the runtime traces under torch.compile) writes the
+    reference's bytes, zero padding rows and columns; compiled with dynamic M too."""
+    from slidesparse.kernels.quant_slide import quant_slide
+    from slidesparse.kernels.reference import quant_slide_ref
+    from slidesparse.pattern import lift
+    g = torch.Generator().manual_seed(11)
+    for m, k, dt in ((5, 48, torch.bfloat16), (3, 130, torch.float16), (17, 131, torch.bfloat16)):
+        x = (torch.randn(m, k, generator=g) * 3).to(dt)
+        for act in ("int8", "fp8"):
+            q, s = quant_slide(x, sp, act, k_align=64, m_align=16, impl="torch")
+            qr, sr = quant_slide_ref(x, sp, act, k_align=64)
+            assert q.shape == (-(-m // 16) * 16, qr.shape[1])
+            assert torch.equal(q[:m].view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), (m, k, act)
+            assert not q[m:].view(torch.uint8).any()
+        xl, _ = quant_slide(x, sp, None, k_align=16, impl="torch")
+        r = lift(x, sp)
+        assert torch.equal(xl[:, :r.shape[1]], r) and not xl[:, r.shape[1]:].any()
+    f = torch.compile(lambda x: quant_slide(x, sp, "fp8", k_align=64, m_align=16, impl="torch"), dynamic=True)
+    for m in (3, 16, 40):
+        x = (torch.randn(m, 200, generator=g) * 3).bfloat16()
+        (q, s), (qr, sr) = f(x), quant_slide_ref(x, sp, "fp8", k_align=64)
+        assert torch.equal(q[:m].view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), m

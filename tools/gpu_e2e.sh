@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end vLLM benchmark on the GPU host (stock vLLM from the offline bundle; docs/gpu-host.md).
 # Usage (after the bundle is installed, /tmp/site/env.sh exists):
-#   bash tools/gpu_e2e.sh PRESET OUTDIR WORKLOAD VARIANT...
+#   bash tools/gpu_e2e.sh PRESET OUTDIR WORKLOAD[,WORKLOAD] VARIANT...   (WORKLOAD: prefill | decode)
 #   VARIANT: bf16 | fp8-online (vLLM --quantization fp8) | fp8 | int8 (dense W8A8, compressed-tensors,
 #            the same per-channel/per-token scheme) | 2_4-fp8 | 2_8-fp8 | 2_8-int8 | ...  (first = baseline)
 # SlideSparse checkpoints are tuned (slidesparse tune) right after conversion, as a user would.
@@ -28,4 +28,5 @@ for v in "$@"; do
   esac
 done
 vv=(); for a in "${args[@]}"; do vv+=(--variant "$a"); done
-PYTHONUNBUFFERED=1 python3 -m slidesparse.bench.e2e_cli --workload "$workload" --out "$out" --title "$preset" "${vv[@]}"
+for w in ${workload//,/ }; do vv+=(--workload "$w"); done
+PYTHONUNBUFFERED=1 python3 -m slidesparse.bench.e2e_cli --out "$out" --title "$preset" "${vv[@]}"

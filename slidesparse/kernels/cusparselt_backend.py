@@ -1,5 +1,9 @@
 """The `cusparselt` backend: fused Triton quant+slide -> cuSPARSELt 2:4 GEMM -> fused dequant+bias.
 
+Under torch.compile (vLLM's default) the layer traces as quant+slide and dequant in torch ops
+around one opaque GEMM op, `slidesparse::cusparselt_mm`, so Inductor fuses the quantization into
+the op before and the dequantization into the op after (docs/performance.md, "End to end").
+
 prepare() (once, at load): pads the slid weight to the GEMM's alignment, compresses it with
 cuSPARSELt, looks up the tuned algorithm per M bucket, and stores everything the op needs in a
 per-layer record. apply() is one custom op, `slidesparse::cusparselt_linear`, opaque to
@@ -57,6 +61,7 @@ class LayerPlan:
 
 _PLANS: list[LayerPlan] = []
 _TUNING: dict | None = None
+_UNTUNED: set = set()          # shapes already warned about
 
 
 def set_tuning(table: dict | None) -> None:
@@ -149,6 +154,46 @@ def _(x, w_compressed, w_scale, bias, layer_id):
     return x.new_empty(*x.shape[:-1], _PLANS[layer_id].n)
 
 
+def _dense_unscaled(p: LayerPlan, xd: torch.Tensor) -> torch.Tensor:
+    """A dense bucket inside cusparselt_mm: the dense GEMM of x's codes with unit scales, so the
+    caller's dequant applies the same s_tok * s_ch as on the sparse path."""
+    if p.act_dtype == "int8":
+        from .int8_gemm import int8_linear
+        ones_m = torch.ones(xd.shape[0], dtype=torch.float32, device=xd.device)
+        ones_n = torch.ones(p.n, dtype=torch.float32, device=xd.device)
+        acc = int8_linear(xd, p.dense_weight, ones_m, ones_n, None, p.acc_dtype)
+    else:
+        one = torch.ones((), dtype=torch.float32, device=xd.device)
+        acc = torch._scaled_mm(xd, p.dense_weight.t(), scale_a=one, scale_b=one, out_dtype=p.acc_dtype)
+    from . import cusparselt as cl
+    pad = cl.padded_n(p.n) - p.n
+    return torch.nn.functional.pad(acc, (0, pad)) if pad else acc
+
+
+@torch.library.custom_op("slidesparse::cusparselt_mm", mutates_args=())
+def cusparselt_mm(x_lifted: torch.Tensor | None, x_dense: torch.Tensor | None, w_compressed: torch.Tensor,
+                  layer_id: int) -> torch.Tensor:
+    """The GEMM alone, what the layer runs under torch.compile between quant(+slide) and dequant
+    written as torch ops (CusparseltBackend.apply): x' [M_pad, K'_pad] (quantized, lifted) or,
+    for the dense buckets, x's codes [M_pad, K] -> unscaled acc [M_pad, N_pad] in the plan's
+    accumulator dtype. The caller passes the input(s) its plan's buckets can use."""
+    from . import cusparselt as cl
+    p = _PLANS[layer_id]
+    x = x_lifted if x_lifted is not None else x_dense
+    kind, alg, split_k = p.choose(x.shape[0])
+    if (kind == "dense" and x_dense is not None) or x_lifted is None:
+        return _dense_unscaled(p, x_dense)
+    return cl.sparse_mm(w_compressed, x_lifted, p.acc_dtype, alg_id=alg, split_k=split_k, n=cl.padded_n(p.n))
+
+
+@cusparselt_mm.register_fake
+def _(x_lifted, x_dense, w_compressed, layer_id):
+    from . import cusparselt as cl
+    p = _PLANS[layer_id]
+    x = x_lifted if x_lifted is not None else x_dense
+    return x.new_empty(x.shape[0], cl.padded_n(p.n), dtype=p.acc_dtype)
+
+
 def _prewarm_int8(plan: LayerPlan, scale) -> None:
     """The Triton INT8 GEMM autotunes per M bucket on first use, which synchronises: do it now,
     for every bucket a dense entry can reach, so nothing tunes inside a CUDA-graph capture."""
@@ -206,7 +251,14 @@ class CusparseltBackend(Backend):
                                f"({w.out_features}, {k_lifted}) for K={w.in_features} and {w.pattern.name}")
         plan = LayerPlan(pattern=w.pattern, n=w.out_features, k=w.in_features, k_lifted=k_lifted,
                          weight_dtype=wdt, act_dtype=w.act_dtype, acc_dtype=cl.acc_dtype_for(wdt))
-        for e in lookup_entries(_tuning_for_prepare(), plan.n, k_lifted, w.weight_dtype):
+        table = _tuning_for_prepare()
+        entries = lookup_entries(table, plan.n, k_lifted, w.weight_dtype)
+        if table is not None and not entries and (plan.n, k_lifted) not in _UNTUNED:
+            _UNTUNED.add((plan.n, k_lifted))
+            warnings.warn(f"slidesparse: the tuning file has no entry for N={plan.n} K'={k_lifted} "
+                          f"({w.weight_dtype}); this layer runs cuSPARSELt's default algorithm at every M. "
+                          f"Re-run `slidesparse tune CKPT --tp T` with the tensor-parallel size you serve with")
+        for e in entries:
             plan.bounds.append(int(e["m_max"]))
             plan.choices.append((e["backend"], int(e["alg_id"]), int(e.get("split_k", 1) or 1)))
         if any(c[0] == "dense" for c in plan.choices):
@@ -222,5 +274,26 @@ class CusparseltBackend(Backend):
         layer.ss_layer_id = len(_PLANS) - 1
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return torch.ops.slidesparse.cusparselt_linear(x, layer.ss_w_compressed, layer.ss_w_scale, bias,
-                                                       layer.ss_layer_id)
+        p = _PLANS[layer.ss_layer_id]
+        if p.act_dtype is None or not torch.compiler.is_compiling():
+            # eager: one op, the Triton quant+slide and dequant kernels around the GEMM
+            return torch.ops.slidesparse.cusparselt_linear(x, layer.ss_w_compressed, layer.ss_w_scale, bias,
+                                                           layer.ss_layer_id)
+        # traced (vLLM compiles the model): quant(+slide) and dequant as torch ops, which Inductor
+        # fuses into the producer of x (RMSNorm, SiLU*mul) and into the consumer of the output,
+        # the way it fuses vLLM's own dense FP8 quantization; only the GEMM stays opaque. A plan
+        # with dense buckets also gets x's codes (one more fused write of M*K bytes) rather than
+        # gathering them back out of x' inside the op.
+        from . import cusparselt as cl
+        from .dequant import dequant
+        from .quant_slide import quant_only, quant_slide
+        x2 = x.reshape(-1, p.k)
+        kinds = {c[0] for c in p.choices} if p.dense_weight is not None else {"sparse"}
+        xl = xd = None
+        if "sparse" in kinds:
+            xl, s_tok = quant_slide(x2, p.pattern, p.act_dtype, k_align=cl.K_ALIGN, m_align=cl.M_ALIGN, impl="torch")
+        if "dense" in kinds:
+            xd, s_tok = quant_only(x2, p.act_dtype, m_align=cl.M_ALIGN, impl="torch")
+        acc = torch.ops.slidesparse.cusparselt_mm(xl, xd, layer.ss_w_compressed, layer.ss_layer_id)
+        out = dequant(acc, s_tok, layer.ss_w_scale, bias, x.dtype, m=x2.shape[0], n=p.n, impl="torch")
+        return out.reshape(*x.shape[:-1], p.n)

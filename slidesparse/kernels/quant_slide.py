@@ -8,11 +8,12 @@ slidesparse.quant (amax floor; qmax / amax the way torch evaluates it, reciproca
 int8 round-half-even clamped to +-127; fp8 clamp to +-448 then round-to-nearest-even), so the
 codes match the torch reference (the scale may differ from torch's CUDA division by 1 ulp).
 
-Two gathers for the lifted patterns: 16-bit inputs with even K gather 32-bit pairs (every window
-starts at an even column), others one element per lane; 2_4 and quant-only read contiguously.
-Measured on the H100 (docs/performance.md), the pair gather is the slower of the two (clearly at
-K=3584, slightly at K=18944); the committed results use it, so it stays the default until a new
-benchmark run confirms the switch.
+Three gathers for the lifted patterns (LIFT_GATHER; measured side by side by
+tools/gpu_lift_gathers.py, docs/performance.md): "tile" (the default) loads a row as two
+[groups, windows] tiles of 32-bit pairs, a window being pairs j and j+1 of its group, and reads
+x once when the tiles hold the whole row; "elem" gathers one element per lane (any input dtype,
+odd K). A flat gather of 32-bit pairs, measured in the same run, lost to "tile" and was removed.
+2_4 and quant-only read contiguously.
 
 Layout the GEMM needs: K' is zero-padded to `k_align` columns and M to `m_align` rows (cuSPARSELt
 wants 8-bit dense operands in multiples of 16); padded rows are written as zeros, padded columns
@@ -23,7 +24,8 @@ Row offsets are formed in int64: M * K' passes 2**31 at M=65536, K'=32768.
 With act_dtype=None the kernel only lifts (the BF16/FP16 sparse path), keeping x's values.
 Quant-only (the dense path) is the identity lift: pattern 2_4 with no padding to a group.
 
-`impl="torch"` runs the reference implementation instead; it is never chosen silently.
+`impl="torch"` computes the same with torch ops (what the runtime traces under torch.compile,
+where Inductor fuses it into the producer of x); it is never chosen silently.
 """
 
 from __future__ import annotations
@@ -32,13 +34,17 @@ import torch
 
 from ..pattern import Pattern, parse_pattern
 from ..quant import AMAX_FLOOR, DTYPES, dtype_name, qmax
-from . import reference
 
 __all__ = ["quant_slide", "quant_only", "lifted_src_index", "padded_lifted_k", "QuantSlideError"]
 
 
 class QuantSlideError(ValueError):
     pass
+
+
+# How the lifted patterns gather x: "tile" (two [group, window] tiles of 32-bit pairs) or "elem"
+# (one element per lane). See docs/performance.md.
+LIFT_GATHER = "tile"
 
 
 def padded_lifted_k(k: int, pat: Pattern | str, k_align: int = 1) -> int:
@@ -74,11 +80,6 @@ def _kernel():
     if triton is None:
         raise QuantSlideError("the Triton quant+slide kernel needs triton (use impl='torch' for the reference)")
     return _quant_slide_kernel
-
-
-def _kernel_pairs():
-    _kernel()
-    return _quant_slide_pairs_kernel
 
 
 if triton is not None:
@@ -147,45 +148,66 @@ if triton is not None:
             tl.store(q_row + c, _quantize(v, inv, MODE, QMAX, q_ptr.dtype.element_ty), mask=c < KQ)
 
     @triton.jit
-    def _quant_slide_pairs_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, M, K, KQ, stride_xm, stride_xwm, stride_qm,
-                                  GROUP: tl.constexpr, WINDOWS: tl.constexpr, IS_BF16: tl.constexpr,
-                                  MODE: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr,
-                                  BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
-        """The lifting gathers 32-bit words: every window starts at an even column, so it is two
-        aligned (x[2i], x[2i+1]) pairs. Half the gather instructions of the one-element kernel."""
+    def _quant_slide_tile_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, M, K, KQ, NG, stride_xm, stride_xwm, stride_qm,
+                                 HALF: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, IS_BF16: tl.constexpr,
+                                 MODE: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr,
+                                 BLOCK_K: tl.constexpr, G_BLK: tl.constexpr, ONE_PASS: tl.constexpr):
+        """The lift as two [groups, windows] tiles of 32-bit pairs: window j of group g is pairs
+        (g*HALF + j, g*HALF + j + 1), so tile A holds each window's first pair, tile B its second
+        (B's loads hit the lines A just brought in). No index division. With ONE_PASS the whole
+        row is one tile pair, its amax comes from the tiles, and x is read once; otherwise pass 1
+        takes the amax and the tiles re-read the row from L2."""
         row = tl.program_id(0)
         klim = tl.where(row < M, K, 0)
         x_row = x_ptr + row.to(tl.int64) * stride_xm
         xw_row = xw_ptr + row.to(tl.int64) * stride_xwm
         q_row = q_ptr + row.to(tl.int64) * stride_qm
-        inv = _row_inv_scale(x_row, s_ptr, row, K, klim, MODE, QMAX, FLOOR, BLOCK_K)
-        PG: tl.constexpr = 2 * WINDOWS      # lifted pairs per group
-        HALF: tl.constexpr = GROUP // 2     # source pairs per group
-        kpairs = klim // 2
-        pidx = tl.arange(0, BLOCK_P)
-        cols = tl.arange(0, 2 * BLOCK_P)
-        for p0 in range(0, KQ // 2, BLOCK_P):
-            p = p0 + pidx
-            g = p // PG
-            r = p - g * PG
-            j = r // 2
-            within = j + (r - 2 * j)
-            src = g * HALF + within
-            w = tl.load(xw_row + src, mask=(within < HALF) & (src < kpairs), other=0, eviction_policy="evict_first")
+        npairs = klim // 2
+        gi = tl.arange(0, G_BLK)[:, None]
+        ji = tl.arange(0, WP)[None, :]
+        ci = tl.arange(0, 4 * WP)[None, :]
+        out_ty = q_ptr.dtype.element_ty
+        if not ONE_PASS:
+            inv = _row_inv_scale(x_row, s_ptr, row, K, klim, MODE, QMAX, FLOOR, BLOCK_K)
+        for g0 in range(0, NG, G_BLK):
+            g = g0 + gi
+            pa = g * HALF + ji
+            ma = (ji < W) & (pa < npairs)
+            # 2_inf (HALF 1): a window is [x0, x1, 0, 0], so its second pair is zero
+            mb = ma & (ji + 1 < HALF) & (pa + 1 < npairs)
+            a = tl.load(xw_row + pa, mask=ma, other=0, eviction_policy="evict_first")
+            b = tl.load(xw_row + pa + 1, mask=mb, other=0, eviction_policy="evict_first")
             if IS_BF16:
-                lo = (w << 16).to(tl.float32, bitcast=True)
-                hi = (w & -65536).to(tl.float32, bitcast=True)
+                a_lo = (a << 16).to(tl.float32, bitcast=True)
+                a_hi = (a & -65536).to(tl.float32, bitcast=True)
+                b_lo = (b << 16).to(tl.float32, bitcast=True)
+                b_hi = (b & -65536).to(tl.float32, bitcast=True)
             else:
-                lo = (w & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            out_ty = q_ptr.dtype.element_ty
-            out = tl.interleave(_quantize(lo, inv, MODE, QMAX, out_ty), _quantize(hi, inv, MODE, QMAX, out_ty))
-            c = 2 * p0 + cols
-            tl.store(q_row + c, out, mask=c < KQ)
+                a_lo = (a & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                a_hi = (a >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                b_lo = (b & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                b_hi = (b >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            if ONE_PASS:
+                inv = 1.0
+                if MODE != 0:
+                    am = tl.maximum(tl.maximum(tl.abs(a_lo), tl.abs(a_hi)), tl.maximum(tl.abs(b_lo), tl.abs(b_hi)))
+                    amax = tl.maximum(tl.max(tl.max(am, 1), 0), FLOOR)
+                    inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), amax) * QMAX
+                    tl.store(s_ptr + row, tl.math.div_rn(amax, tl.full([], QMAX, tl.float32)))
+            # window bytes in order a_lo, a_hi, b_lo, b_hi: join pairs the last axis as [first, second]
+            win = tl.join(tl.join(_quantize(a_lo, inv, MODE, QMAX, out_ty), _quantize(b_lo, inv, MODE, QMAX, out_ty)),
+                          tl.join(_quantize(a_hi, inv, MODE, QMAX, out_ty), _quantize(b_hi, inv, MODE, QMAX, out_ty)))
+            win = tl.reshape(win, (G_BLK, 4 * WP))
+            tl.store(q_row + g * (4 * W) + ci, win, mask=(ci < 4 * W) & (g < NG))
+        # the k_align columns past the last group
+        tail = tl.arange(0, 64)
+        for c0 in range(NG * 4 * W, KQ, 64):
+            c = c0 + tail
+            tl.store(q_row + c, tl.zeros([64], dtype=out_ty), mask=c < KQ)
 
 
 def _launch(x, pat: Pattern | None, act_dtype: str | None, k_align: int, m_align: int,
-            out_dtype: torch.dtype | None, identity: bool):
+            out_dtype: torch.dtype | None, identity: bool, gather: str | None = None):
     if x.dim() != 2:
         raise QuantSlideError(f"expected x of shape [M, K], got {tuple(x.shape)}")
     if x.stride(-1) != 1:
@@ -216,13 +238,23 @@ def _launch(x, pat: Pattern | None, act_dtype: str | None, k_align: int, m_align
     common = dict(MODE=mode, QMAX=qm, FLOOR=AMAX_FLOOR, BLOCK_K=block_k, num_warps=warps)
     # 2_4's lift is the identity (K padded to 4), so it takes the contiguous path
     identity = identity or pat.L == 4
-    pairs = (not identity and x.dtype in (torch.bfloat16, torch.float16) and k % 2 == 0
+    if gather is None:
+        gather = LIFT_GATHER
+    words = (not identity and x.dtype in (torch.bfloat16, torch.float16) and k % 2 == 0
              and x.is_contiguous() and x.data_ptr() % 4 == 0)
-    if pairs:
+    if words and gather == "tile":
         xw = x.view(torch.int32)
-        _kernel_pairs()[(mp,)](x, xw, q, s, m, k, kq, x.stride(0), xw.stride(0), q.stride(0),
-                               GROUP=group, WINDOWS=windows, IS_BF16=x.dtype == torch.bfloat16,
-                               BLOCK_P=2048 if wide else 1024, **common)
+        half, w = group // 2, windows
+        wp = 1 << (w - 1).bit_length()
+        ng = pat.num_groups(k)
+        # one pass when the row's tiles fit in 4096 words per tile: x is then read once
+        g_one = 1 << max(0, (ng - 1).bit_length())
+        one = g_one * wp <= 4096
+        g_blk = g_one if one else max(1, 2048 // wp)
+        _kernel()
+        _quant_slide_tile_kernel[(mp,)](x, xw, q, s, m, k, kq, ng, x.stride(0), xw.stride(0), q.stride(0),
+                                        HALF=half, W=w, WP=wp, IS_BF16=x.dtype == torch.bfloat16,
+                                        G_BLK=g_blk, ONE_PASS=one, **common)
     else:
         _kernel()[(mp,)](x, q, s, m, k, kq, x.stride(0), q.stride(0), GROUP=group, WINDOWS=windows,
                          IDENTITY=identity, BLOCK_OUT=2048, **common)
@@ -254,22 +286,45 @@ def quant_only(x: torch.Tensor, act_dtype: str, k_align: int = 1, m_align: int =
     return _launch(x, None, act_dtype, k_align, m_align, None, identity=True)
 
 
-def _torch_impl(x, pat, act_dtype, k_align, m_align, out_dtype, identity):
-    m = x.shape[0]
-    if act_dtype is None:
-        from ..pattern import lift
-        q = lift(x, pat).to(out_dtype or x.dtype)
-        s = torch.ones(m, dtype=torch.float32, device=x.device)
-        pad = (-q.shape[1]) % k_align
-        q = torch.nn.functional.pad(q, (0, pad)) if pad else q
-    elif identity:
-        q, s = reference.quant_ref(x, act_dtype)
-        pad = (-q.shape[1]) % k_align
-        if pad:
-            q = torch.nn.functional.pad(q.float(), (0, pad)).to(q.dtype)
+def _lift_view(x: torch.Tensor, pat: Pattern) -> torch.Tensor:
+    """lift() as views and one cat, no gather: window j of a group is its pairs j and j+1, so
+    torch.compile turns it into index math inside whatever kernel it fuses it with."""
+    m, k = x.shape
+    g = pat.num_groups(k)
+    if g * pat.group != k:
+        x = torch.nn.functional.pad(x, (0, g * pat.group - k))
+    p = x.reshape(m, g, pat.group // 2, 2)
+    if pat.L is None:                      # 2_inf: a window is [x0, x1, 0, 0]
+        win = torch.cat([p, torch.zeros_like(p)], dim=-1)
     else:
-        q, s = reference.quant_slide_ref(x, pat, act_dtype, k_align)
-    mp = -(-m // m_align) * m_align if m_align > 1 else m
-    if mp > m:
-        q = torch.cat([q, q.new_zeros(mp - m, q.shape[1])])
-    return q.contiguous(), s
+        win = torch.cat([p[:, :, :-1], p[:, :, 1:]], dim=-1)
+    return win.reshape(m, g * pat.lifted_group)
+
+
+def _torch_impl(x, pat, act_dtype, k_align, m_align, out_dtype, identity):
+    """The kernels' result as plain torch ops: what the runtime traces under torch.compile, where
+    Inductor fuses it into the op that produced x (RMSNorm, SiLU*mul), as it does for vLLM's own
+    per-token quantization. Equal to kernels/reference.py (tests/test_kernels_cpu.py)."""
+    m, k = x.shape
+    xf = x.float()
+    if act_dtype is not None:
+        name = dtype_name(act_dtype)
+        amax = xf.abs().amax(dim=1, keepdim=True).clamp(min=AMAX_FLOOR)
+        # reciprocal(amax) * qmax, the way torch evaluates qmax / amax (the kernels mirror it too)
+        xf = xf * (amax.reciprocal() * qmax(name))
+        s = (amax / qmax(name)).squeeze(1)
+    else:
+        s = torch.ones(m, dtype=torch.float32, device=x.device)
+    # 2_4's lift is the identity when K fills its groups: keeping x's shape lets Inductor put the
+    # quantization in the same kernel as the amax, as for the dense path
+    if not identity and not (pat.L == 4 and k % 4 == 0):
+        xf = _lift_view(xf, pat)
+    kpad = (-xf.shape[1]) % k_align
+    if kpad or m_align > 1:
+        # no branch on the row padding itself: under torch.compile M is symbolic
+        xf = torch.nn.functional.pad(xf, (0, kpad, 0, (-m) % m_align))
+    if act_dtype is None:
+        return xf.to(out_dtype or x.dtype), s
+    if name == "int8":
+        return xf.round().clamp(-qmax(name), qmax(name)).to(torch.int8), s
+    return xf.clamp(-qmax(name), qmax(name)).to(DTYPES[name]), s

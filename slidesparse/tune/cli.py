@@ -12,7 +12,8 @@ app = typer.Typer(help="Tune cuSPARSELt algorithms for a checkpoint on this GPU.
 
 @app.callback()
 def tune(ckpt: Path = typer.Argument(..., help="a SlideSparse checkpoint folder"),
-         m: str = typer.Option("16,64,256,1024,4096,16384", "--m", help="M bucket bounds")):
+         m: str = typer.Option("16,64,256,1024,4096,16384", "--m", help="M bucket bounds"),
+         tp: int = typer.Option(1, "--tp", help="tensor-parallel size the checkpoint will be served with")):
     """Search alg ids per layer shape and M bucket; mark buckets where the dense GEMM wins."""
     from rich.progress import Progress
 
@@ -24,6 +25,9 @@ def tune(ckpt: Path = typer.Argument(..., help="a SlideSparse checkpoint folder"
     except ValueError:
         typer.echo(f"error: --m takes comma-separated positive integers, got {m!r}", err=True)
         raise typer.Exit(2)
+    if tp < 1:
+        typer.echo(f"error: --tp must be at least 1, got {tp}", err=True)
+        raise typer.Exit(2)
     if not ckpt.is_dir():
         typer.echo(f"error: {ckpt} is not a folder", err=True)
         raise typer.Exit(2)
@@ -31,7 +35,8 @@ def tune(ckpt: Path = typer.Argument(..., help="a SlideSparse checkpoint folder"
         with Progress() as prog:
             task = prog.add_task("tuning", total=None)
             out = tune_checkpoint(ckpt, buckets,
-                                  progress=lambda i, n, d: prog.update(task, completed=i, total=n, description=d))
+                                  progress=lambda i, n, d: prog.update(task, completed=i, total=n, description=d),
+                                  tp=tp)
     except TuneError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

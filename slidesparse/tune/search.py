@@ -25,8 +25,42 @@ class TuneError(ValueError):
     pass
 
 
-def checkpoint_shapes(ckpt: Path) -> tuple[SlideSparseConfig, list[tuple[int, int]]]:
-    """(config, sorted distinct (N, K)) of a SlideSparse checkpoint folder."""
+# vLLM fuses these checkpoint projections into one linear layer (its packed_modules_mapping for
+# Llama, Qwen2 and BitNet): the runtime sees, and looks up, the fused N
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+         "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def runtime_shapes(projections: dict[str, tuple[int, int]], model_config: dict, tp: int = 1) -> list[tuple[int, int]]:
+    """The (N, K) each vLLM linear layer has on one of `tp` ranks, from the checkpoint's
+    per-projection (N, K): q/k/v and gate/up fused along N, column-parallel N split (KV heads
+    replicated when fewer than ranks, as vLLM does), row-parallel (o, down) K split."""
+    heads = int(model_config.get("num_attention_heads", 1))
+    head_dim = int(model_config.get("head_dim") or int(model_config.get("hidden_size", heads)) // heads)
+    fused: dict[tuple[str, str], list[int]] = {}
+    for module, (n, k) in projections.items():
+        parent, _, proj = module.rpartition(".")
+        if proj in ROW_PARALLEL:
+            if k % tp:
+                raise TuneError(f"{module}: K={k} does not split over {tp} ranks")
+            n_local, k_local = n, k // tp
+        elif proj in ("k_proj", "v_proj") and n // head_dim < tp:
+            n_local, k_local = head_dim, k                  # replicated KV head
+        else:
+            if n % tp:
+                raise TuneError(f"{module}: N={n} does not split over {tp} ranks")
+            n_local, k_local = n // tp, k
+        key = (parent, FUSED.get(proj, proj))
+        acc = fused.setdefault(key, [0, k_local])
+        if acc[1] != k_local:
+            raise TuneError(f"{parent}: fused projections disagree on K ({acc[1]} vs {k_local})")
+        acc[0] += n_local
+    return sorted({(n, k) for n, k in fused.values()})
+
+
+def checkpoint_shapes(ckpt: Path, tp: int = 1) -> tuple[SlideSparseConfig, list[tuple[int, int]]]:
+    """(config, sorted distinct (N, K) of the layers vLLM builds on one of `tp` ranks)."""
     from ..convert.errors import ConvertError
     from ..convert.load import checkpoint_kind
     from ..convert.reader import Checkpoint
@@ -38,10 +72,12 @@ def checkpoint_shapes(ckpt: Path) -> tuple[SlideSparseConfig, list[tuple[int, in
         raise TuneError(str(e)) from None
     if kind != "slidesparse":
         raise TuneError(f"{ckpt} is a dense {kind} checkpoint: nothing to tune")
-    shapes = {tuple(int(v) for v in c.get(name).tolist()) for name in c.tensors if name.endswith("." + SUFFIX_SHAPE)}
-    if not shapes:
+    suffix = "." + SUFFIX_SHAPE
+    projections = {name[:-len(suffix)]: tuple(int(v) for v in c.get(name).tolist())
+                   for name in c.tensors if name.endswith(suffix)}
+    if not projections:
         raise TuneError(f"{ckpt}: no converted layers ({SUFFIX_SHAPE} tensors) found")
-    return cfg, sorted(shapes)
+    return cfg, runtime_shapes(projections, c.config, tp)
 
 
 def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds: int = 3) -> list[dict]:
@@ -93,11 +129,12 @@ def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds
     return entries
 
 
-def tune_checkpoint(ckpt: Path, buckets=M_BUCKETS, progress=None) -> Path:
-    cfg, shapes = checkpoint_shapes(ckpt)
+def tune_checkpoint(ckpt: Path, buckets=M_BUCKETS, progress=None, tp: int = 1) -> Path:
+    cfg, shapes = checkpoint_shapes(ckpt, tp)
     if not torch.cuda.is_available():
         raise TuneError("tuning needs the CUDA GPU the checkpoint will run on")
     table = empty_tuning(torch.cuda.get_device_name())
+    table["tensor_parallel_size"] = tp
     table["library"] = f"cuSPARSELt {torch.backends.cusparselt.version()} (torch {torch.__version__})"
     for i, (n, k) in enumerate(shapes):
         table["entries"] += tune_shape(n, k, cfg, buckets)

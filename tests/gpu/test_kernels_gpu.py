@@ -74,6 +74,30 @@ def test_quant_only_and_lift_only(m, act):
     assert torch.equal(xl[:, :r.shape[1]], r) and not bool(xl[:, r.shape[1]:].float().any())
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("L", ("2_6", "2_8", "2_10", "2_inf"))
+@pytest.mark.parametrize("k", (2048, 3584, 8200, 18944))
+def test_lift_gathers_agree(k, L, dtype):
+    """The two gathers (tile, elem) write the same bytes, and match the reference; K=8200
+    takes the tile kernel's two-pass path at 2_8/2_10/2_inf, 18944 at every pattern."""
+    from slidesparse.kernels import quant_slide as qs
+    m = 33
+    x = _x(m, k, zlib.crc32(repr((k, L, str(dtype))).encode()), dtype)
+    pat = parse_pattern(L)
+    for act in ("int8", "fp8_e4m3", None):
+        outs = {g: qs._launch(x, pat, act, 64, 16, None, False, g) for g in ("tile", "elem")}
+        q0, s0 = outs["elem"]
+        for g, (q, s) in outs.items():
+            assert torch.equal(q.view(torch.uint8) if q.element_size() == 1 else q, q0.view(torch.uint8)
+                               if q0.element_size() == 1 else q0), (g, act)
+            if act is not None:
+                assert torch.equal(s, s0), (g, act)
+        if act is not None:
+            qr, sr = ref.quant_slide_ref(x, L, act, k_align=64)
+            torch.testing.assert_close(s0, sr, rtol=3e-7, atol=0)
+            _assert_codes_match(q0[:m], qr, act)
+
+
 @pytest.mark.parametrize("act", ACTS)
 def test_quant_slide_64bit_offsets(act):
     """M * K' > 2**31 (M=65536, K'=40960): rows at the far end must be right."""
@@ -238,6 +262,33 @@ def test_dense_policy_bucket(wdtype):
         out = be.apply(layer, x, bias)
         exact = ref.linear_ref(x, q, scale, bias, act, compute_dtype=torch.float64)
         assert _rel(out, exact) < 6e-3
+
+
+@pytest.mark.parametrize("wdtype", ("int8", "fp8_e4m3"))
+@pytest.mark.parametrize("L", ("2_4", "2_6", "2_8", "2_inf"))
+def test_compiled_linear_matches_eager(L, wdtype):
+    """Under torch.compile the layer traces as torch-op quant+slide -> cusparselt_mm -> torch-op
+    dequant (fused by Inductor into its neighbours): same layer as the eager Triton path, at
+    dynamic M, including a dense bucket at small M (the un-lift gather + unit-scale dense GEMM)."""
+    from slidesparse.kernels import cusparselt_backend as cb
+    n, k = 3072, 2048
+    kl = parse_pattern(L).lifted_k(k)
+    cb.set_tuning({"entries": [{"n": n, "k_lifted": kl, "dtype": wdtype, "m_max": 16, "backend": "dense", "alg_id": 0},
+                               {"n": n, "k_lifted": kl, "dtype": wdtype, "m_max": 65536, "backend": "sparse",
+                                "alg_id": 0}]})
+    try:
+        be, layer, q, scale, bias, act = _backend_layer(n, k, L, wdtype, 67)
+    finally:
+        cb.set_tuning(None)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: be.apply(layer, x, bias), dynamic=True, fullgraph=True)
+    for m in (5, 16, 40, 1000):
+        x = _x(m, k, 71 + m)
+        out = f(x)
+        eager = be.apply(layer, x, bias)
+        exact = ref.linear_ref(x, q, scale, bias, act, compute_dtype=torch.float64)
+        assert out.shape == eager.shape and out.dtype == eager.dtype
+        assert _rel(out, exact) < 6e-3 and _rel(out, eager) < 4e-3, m
 
 
 @pytest.mark.parametrize("m", (1, 7, 255, 4096))

@@ -1,0 +1,91 @@
+"""Where does a vLLM prefill step spend its time? One in-process vLLM engine per checkpoint, a
+timed prefill, then a torch.profiler trace of two 16384-token steps: GPU busy time against wall
+time (host-bound or not) and the kernels that take the GPU time.
+
+    source /tmp/site/env.sh; python3 tools/gpu_profile_vllm.py --out DIR NAME=CKPT
+
+Writes DIR/profile_NAME.json (top kernels, busy vs wall) and prints a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # the engine runs in this process
+
+
+def profile_one(name: str, ckpt: str, out: Path, input_len: int = 2048, batched: int = 16384) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=ckpt, max_model_len=input_len + 17, max_num_batched_tokens=batched, seed=0,
+              gpu_memory_utilization=0.85)
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    g = torch.Generator().manual_seed(0)
+    per_step = batched // input_len
+
+    def prompts(n):
+        return [{"prompt_token_ids": torch.randint(10, vocab - 10, (input_len,), generator=g).tolist()} for _ in range(n)]
+
+    sp = SamplingParams(max_tokens=1, ignore_eos=True)
+    llm.generate(prompts(2 * per_step), sp, use_tqdm=False)            # warm-up
+    ps = prompts(16 * per_step)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    llm.generate(ps, sp, use_tqdm=False)
+    sync()
+    wall = time.perf_counter() - t0
+    tok_s = len(ps) * input_len / wall
+    ps = prompts(2 * per_step)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        llm.generate(ps, sp, use_tqdm=False)
+        sync()
+        pwall = time.perf_counter() - t0
+    kernels = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(ev.name, [0.0, 0])
+            k[0] += ev.device_time_total / 1000.0 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 1000.0
+            k[1] += 1
+    busy = sum(v[0] for v in kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+    cpu = prof.key_averages()
+    ops = sorted(((e.key, e.cpu_time_total / 1000.0, e.count) for e in cpu
+                  if e.key.startswith(("slidesparse::", "vllm::", "_C::", "aten::_scaled_mm", "aten::mm"))),
+                 key=lambda t: -t[1])[:15]
+    res = dict(name=name, ckpt=ckpt, tok_s=tok_s, profiled_wall_ms=pwall * 1000, gpu_busy_ms=busy,
+               steps=2, kernels=[dict(name=k[:160], ms=v[0], count=v[1]) for k, v in top],
+               host_ops=[dict(name=k, cpu_ms=t, count=c) for k, t, c in ops])
+    (out / f"profile_{name}.json").write_text(json.dumps(res, indent=1))
+    del llm
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--input-len", type=int, default=2048)
+    ap.add_argument("--batched", type=int, default=16384)
+    ap.add_argument("variant", help="NAME=CHECKPOINT (one per process: engines do not free their memory)")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name, ckpt = a.variant.split("=", 1)
+    r = profile_one(name, ckpt, out, a.input_len, a.batched)
+    print(f"\n== {r['name']}: {r['tok_s']:,.0f} tok/s; profiled 2 steps: wall {r['profiled_wall_ms']:.1f} ms, "
+          f"GPU busy {r['gpu_busy_ms']:.1f} ms")
+    for k in r["kernels"][:18]:
+        print(f"  {k['ms']:8.2f} ms {k['count']:6d}  {k['name'][:110]}")
+    for o in r["host_ops"][:8]:
+        print(f"  host {o['cpu_ms']:8.2f} ms {o['count']:6d}  {o['name']}")
+
+
+if __name__ == "__main__":
+    main()
