@@ -62,7 +62,6 @@ def main(argv=None):
                         ms = statistics.median(ts)
                         rows.append(dict(m=m, k=k, act=act, sparsity=sp, gather=g, ms=ms,
                                          gbs=nbytes / ms / 1e6, of_copy=nbytes / ms / 1e6 / copy))
-            del x
             print(f"m={m} k={k} done", flush=True)
     (out / "lift_gathers.json").write_text(json.dumps(dict(copy_gbs=copy, device=torch.cuda.get_device_name(),
                                                            command=" ".join(sys.argv), rows=rows), indent=1))
