@@ -172,22 +172,22 @@ def _dense_unscaled(p: LayerPlan, xd: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("slidesparse::cusparselt_mm", mutates_args=())
 def cusparselt_mm(x_lifted: torch.Tensor | None, x_dense: torch.Tensor | None, w_compressed: torch.Tensor,
-                  layer_id: int) -> torch.Tensor:
+                  layer_id: int, m: int) -> torch.Tensor:
     """The GEMM alone, what the layer runs under torch.compile between quant(+slide) and dequant
     written as torch ops (CusparseltBackend.apply): x' [M_pad, K'_pad] (quantized, lifted) or,
     for the dense buckets, x's codes [M_pad, K] -> unscaled acc [M_pad, N_pad] in the plan's
-    accumulator dtype. The caller passes the input(s) its plan's buckets can use."""
+    accumulator dtype. The caller passes the input(s) its plan's buckets can use, and the
+    unpadded M, which picks the bucket as in eager mode."""
     from . import cusparselt as cl
     p = _PLANS[layer_id]
-    x = x_lifted if x_lifted is not None else x_dense
-    kind, alg, split_k = p.choose(x.shape[0])
+    kind, alg, split_k = p.choose(m)
     if (kind == "dense" and x_dense is not None) or x_lifted is None:
         return _dense_unscaled(p, x_dense)
     return cl.sparse_mm(w_compressed, x_lifted, p.acc_dtype, alg_id=alg, split_k=split_k, n=cl.padded_n(p.n))
 
 
 @cusparselt_mm.register_fake
-def _(x_lifted, x_dense, w_compressed, layer_id):
+def _(x_lifted, x_dense, w_compressed, layer_id, m):
     from . import cusparselt as cl
     p = _PLANS[layer_id]
     x = x_lifted if x_lifted is not None else x_dense
@@ -294,6 +294,6 @@ class CusparseltBackend(Backend):
             xl, s_tok = quant_slide(x2, p.pattern, p.act_dtype, k_align=cl.K_ALIGN, m_align=cl.M_ALIGN, impl="torch")
         if "dense" in kinds:
             xd, s_tok = quant_only(x2, p.act_dtype, m_align=cl.M_ALIGN, impl="torch")
-        acc = torch.ops.slidesparse.cusparselt_mm(xl, xd, layer.ss_w_compressed, layer.ss_layer_id)
+        acc = torch.ops.slidesparse.cusparselt_mm(xl, xd, layer.ss_w_compressed, layer.ss_layer_id, x2.shape[0])
         out = dequant(acc, s_tok, layer.ss_w_scale, bias, x.dtype, m=x2.shape[0], n=p.n, impl="torch")
         return out.reshape(*x.shape[:-1], p.n)
