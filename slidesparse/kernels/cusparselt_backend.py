@@ -51,6 +51,9 @@ class LayerPlan:
     bounds: list[int] = field(default_factory=list)
     choices: list[tuple[str, int, int]] = field(default_factory=list)
     dense_weight: torch.Tensor | None = None
+    # unit scales of the traced dense buckets (_dense_unscaled), made once with dense_weight
+    one: torch.Tensor | None = None
+    ones_n: torch.Tensor | None = None
 
     def choose(self, m: int) -> tuple[str, int, int]:
         if not self.bounds:
@@ -160,11 +163,9 @@ def _dense_unscaled(p: LayerPlan, xd: torch.Tensor) -> torch.Tensor:
     if p.act_dtype == "int8":
         from .int8_gemm import int8_linear
         ones_m = torch.ones(xd.shape[0], dtype=torch.float32, device=xd.device)
-        ones_n = torch.ones(p.n, dtype=torch.float32, device=xd.device)
-        acc = int8_linear(xd, p.dense_weight, ones_m, ones_n, None, p.acc_dtype)
+        acc = int8_linear(xd, p.dense_weight, ones_m, p.ones_n, None, p.acc_dtype)
     else:
-        one = torch.ones((), dtype=torch.float32, device=xd.device)
-        acc = torch._scaled_mm(xd, p.dense_weight.t(), scale_a=one, scale_b=one, out_dtype=p.acc_dtype)
+        acc = torch._scaled_mm(xd, p.dense_weight.t(), scale_a=p.one, scale_b=p.one, out_dtype=p.acc_dtype)
     from . import cusparselt as cl
     pad = cl.padded_n(p.n) - p.n
     return torch.nn.functional.pad(acc, (0, pad)) if pad else acc
@@ -264,6 +265,8 @@ class CusparseltBackend(Backend):
         if any(c[0] == "dense" for c in plan.choices):
             # the policy asked for the dense GEMM at some M: keep the unslid weight for it
             plan.dense_weight = unslide(w.slid.float(), w.pattern, w.in_features).to(w.slid.dtype).contiguous()
+            plan.one = torch.ones((), dtype=torch.float32, device=w.slid.device)
+            plan.ones_n = torch.ones(plan.n, dtype=torch.float32, device=w.slid.device)
             _prewarm_int8(plan, w.scale)
         wc = cl.compress(w.slid)
         _check_algs(plan, wc)

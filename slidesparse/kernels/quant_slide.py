@@ -8,7 +8,7 @@ slidesparse.quant (amax floor; qmax / amax the way torch evaluates it, reciproca
 int8 round-half-even clamped to +-127; fp8 clamp to +-448 then round-to-nearest-even), so the
 codes match the torch reference (the scale may differ from torch's CUDA division by 1 ulp).
 
-Three gathers for the lifted patterns (LIFT_GATHER; measured side by side by
+Two gathers for the lifted patterns (_launch's `gather`; measured side by side by
 tools/gpu_lift_gathers.py, docs/performance.md): "tile" (the default) loads a row as two
 [groups, windows] tiles of 32-bit pairs, a window being pairs j and j+1 of its group, and reads
 x once when the tiles hold the whole row; "elem" gathers one element per lane (any input dtype,
@@ -40,11 +40,6 @@ __all__ = ["quant_slide", "quant_only", "lifted_src_index", "padded_lifted_k", "
 
 class QuantSlideError(ValueError):
     pass
-
-
-# How the lifted patterns gather x: "tile" (two [group, window] tiles of 32-bit pairs) or "elem"
-# (one element per lane). See docs/performance.md.
-LIFT_GATHER = "tile"
 
 
 def padded_lifted_k(k: int, pat: Pattern | str, k_align: int = 1) -> int:
@@ -207,7 +202,9 @@ if triton is not None:
 
 
 def _launch(x, pat: Pattern | None, act_dtype: str | None, k_align: int, m_align: int,
-            out_dtype: torch.dtype | None, identity: bool, gather: str | None = None):
+            out_dtype: torch.dtype | None, identity: bool, gather: str = "tile"):
+    """gather: how lifted patterns read x, "tile" (two [group, window] tiles of 32-bit pairs) or
+    "elem" (one element per lane); the latter is kept for odd inputs, tests and benchmarks."""
     if x.dim() != 2:
         raise QuantSlideError(f"expected x of shape [M, K], got {tuple(x.shape)}")
     if x.stride(-1) != 1:
@@ -238,8 +235,6 @@ def _launch(x, pat: Pattern | None, act_dtype: str | None, k_align: int, m_align
     common = dict(MODE=mode, QMAX=qm, FLOOR=AMAX_FLOOR, BLOCK_K=block_k, num_warps=warps)
     # 2_4's lift is the identity (K padded to 4), so it takes the contiguous path
     identity = identity or pat.L == 4
-    if gather is None:
-        gather = LIFT_GATHER
     words = (not identity and x.dtype in (torch.bfloat16, torch.float16) and k % 2 == 0
              and x.is_contiguous() and x.data_ptr() % 4 == 0)
     if words and gather == "tile":
