@@ -71,6 +71,20 @@ def test_triton_kernels_under_interpreter():
                 xl, _ = quant_slide(x.half(), sp, None, k_align=16)
                 r = lift(x.half(), sp)
                 assert torch.equal(xl[:, :r.shape[1]], r) and not xl[:, r.shape[1]:].any(), sp
+        # lift_codes (the traced layer's sparse buckets): Triton pair gather == torch lift, and
+        # == the fused kernel's bytes for int8 (the interpreter's fp8 rounding is not the GPU's)
+        from slidesparse.kernels.quant_slide import lift_codes, quant_only
+        for sp in ("2_4", "2_6", "2_8", "2_10", "2_inf"):
+            for m, k in ((5, 48), (17, 132), (3, 8200)):
+                x = (torch.randn(m, k, generator=g) * 3).bfloat16()
+                for act in ("int8", "fp8"):
+                    q, _ = quant_only(x, act, impl="torch")
+                    l = lift_codes(q, sp, 64, 16)
+                    assert l.shape[0] == -(-m // 16) * 16
+                    assert torch.equal(l.view(torch.uint8), lift_codes(q, sp, 64, 16, impl="torch").view(torch.uint8))
+                    if act == "int8":
+                        assert torch.equal(l[:m], quant_slide_ref(x, sp, act, k_align=64)[0]), (sp, m, k)
+                        assert not l[m:].any()
         acc = torch.randint(-3000, 3000, (37, 300), generator=g, dtype=torch.int32)
         st, sc, b = torch.rand(37, generator=g), torch.rand(300, generator=g), torch.randn(300, generator=g)
         o = dequant(acc.t().contiguous().t(), st, sc, b.bfloat16(), torch.bfloat16, m=30, n=290)
@@ -147,10 +161,13 @@ def test_report_from_synthetic_rows(tmp_path):
     assert report.summed_speedup(rows, "qwen2.5-7b", 16384, "fp8_e4m3", "2_4") == pytest.approx(2.0)
     assert report.summed_speedup(rows, "qwen2.5-7b", 16384, "fp8_e4m3", "2_8") == pytest.approx(1.25)
     assert report.summed_speedup(rows, "qwen2.5-7b", 16384, "int8", "2_8") is None
-    env = {"device": "TestGPU", "command": "slidesparse bench kernel", "copy_gbs": 3000.0}
+    env = {"device": "TestGPU", "command": "slidesparse bench kernel", "copy_gbs": 3000.0,
+           "cusparselt": 800, "cusparselt_loaded": 1000}
     paths = report.write_all(rows, env, tmp_path)
     md = (tmp_path / "kernel_bench.md").read_text()
     assert "| qwen2.5-7b | 16384 | fp8_e4m3 | 2_8 | 1.250x" in md and "not measured" in md
+    # the library that ran, not only the one torch was built against (LD_PRELOAD can differ)
+    assert "cuSPARSELt 1000 (torch built with 800)" in md
     data = json.loads((tmp_path / "kernel_bench.json").read_text())
     assert len(data["rows"]) == len(rows) and data["summary"]["targets"][1]["linear"] == pytest.approx(2.0)
     bw = report.quant_bandwidth(rows, 3000.0)
@@ -242,6 +259,24 @@ def test_traced_cusparselt_layer_routes_buckets(monkeypatch):
         ref = dequant_ref(acc, s, s_ch, bias, torch.bfloat16)
         assert out.shape == (1, m, n)
         torch.testing.assert_close(out[0].float(), ref.float(), rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("sp", ["2_4", "2_6", "2_8", "2_10", "2_inf"])
+def test_lift_codes_equals_quant_slide(sp):
+    """Quantize in x's shape, then lift the codes (the traced layer) == quant+slide's bytes: the
+    scale is per row and lifting only copies values. Odd K and padded rows included."""
+    from slidesparse.kernels.quant_slide import lift_codes, quant_only
+    from slidesparse.kernels.reference import quant_slide_ref
+    g = torch.Generator().manual_seed(13)
+    for m, k in ((5, 48), (3, 130), (17, 131), (4, 64)):
+        x = (torch.randn(m, k, generator=g) * 3).bfloat16()
+        for act in ("int8", "fp8"):
+            q, s = quant_only(x, act, impl="torch")
+            lifted = lift_codes(q, sp, 64, 16, impl="torch")
+            qr, sr = quant_slide_ref(x, sp, act, k_align=64)
+            assert lifted.dtype == qr.dtype and lifted.shape == (-(-m // 16) * 16, qr.shape[1])
+            assert torch.equal(lifted[:m].view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), (m, k, act)
+            assert not lifted[m:].view(torch.uint8).any()
 
 
 @pytest.mark.parametrize("sp", ["2_4", "2_6", "2_8", "2_10", "2_inf"])

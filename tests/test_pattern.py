@@ -43,6 +43,10 @@ def zl_weight(L, n, k, seed, dtype=torch.float64, integer=False):
     if dtype == torch.int8:
         return (w.clamp(-7, 7).round() if integer else (w * 30).round().clamp(-127, 127)).to(torch.int8)
     if dtype == torch.float8_e4m3fn:
+        # lift kept values off fp8's underflow: one that rounded to -0.0 would be a stray zero
+        # (slide stores -0.0 as +0.0, by design), which this helper promises not to make
+        tiny = (w != 0) & (w.abs() < 2 ** -6)
+        w = torch.where(tiny, torch.sign(w) * 2 ** -6, w)
         return w.clamp(-400, 400).to(dtype)
     return w.to(dtype)
 

@@ -85,7 +85,7 @@ def kernel(
     from . import kernel as kb
     outdir = out or Path("results") / device_tag()
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "cusparselt": _cusparselt_version(), "command": "slidesparse bench kernel " + " ".join(map(shlex.quote, _args_after("kernel")))}
+           "cusparselt": _cusparselt_version(), "cusparselt_loaded": _cusparselt_loaded(), "command": "slidesparse bench kernel " + " ".join(map(shlex.quote, _args_after("kernel")))}
     env["copy_gbs"] = kb.copy_bandwidth_gbs()
     rows: list = []
     try:
@@ -115,6 +115,11 @@ def _cusparselt_version():
     except Exception:  # noqa: BLE001 - report what we can
         return None
     return v
+
+
+def _cusparselt_loaded():
+    from ..kernels import cslt_plan
+    return cslt_plan.loaded_version()
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
         a = torch.ones(nbytes // torch.tensor([], dtype=dt).element_size(), dtype=dt, device="cuda")
         b = torch.empty_like(a)
         best = max(best, 2 * nbytes / (graph_time_ms(lambda: b.copy_(a), target_ms=20) * 1e-3) / 1e9)
-        del a, b
+        a = b = None  # free both before the next dtype
     return best
 
 

@@ -71,7 +71,8 @@ def markdown(rows, env: dict) -> str:
         w(f"{env['note']}\n\n")
     if env.get("partial"):
         w("**Partial run: interrupted before every configuration was measured.**\n\n")
-    w(f"torch {env.get('torch')}, triton {env.get('triton')}, cuSPARSELt {env.get('cusparselt')}; "
+    w(f"torch {env.get('torch')}, triton {env.get('triton')}, cuSPARSELt {env.get('cusparselt_loaded') or env.get('cusparselt')}"
+      f" (torch built with {env.get('cusparselt')}); "
       f"device-to-device copy {env.get('copy_gbs', 0):.0f} GB/s (read + write). "
       f"Times are medians of interleaved rounds of CUDA-graph replays (ms per call).\n\n")
     w("## Targets (whole linear, summed over the four shapes)\n\n| preset | M | dtype | sparsity | speedup | target | met |\n|---|---|---|---|---|---|---|\n")

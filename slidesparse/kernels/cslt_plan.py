@@ -92,6 +92,10 @@ class _Lib:
         self._err = lib.cusparseLtGetErrorString
         self.handle = _Opaque()
         self.check(self.cusparseLtInit(self.handle.ptr), "cusparseLtInit")
+        version = ctypes.c_int(0)
+        lib.cusparseLtGetVersion.argtypes, lib.cusparseLtGetVersion.restype = [vp, ctypes.POINTER(ctypes.c_int)], ctypes.c_int
+        self.check(lib.cusparseLtGetVersion(self.handle.ptr, ctypes.byref(version)), "cusparseLtGetVersion")
+        self.version = version.value
 
     def check(self, status: int, what: str) -> None:
         if status != 0:
@@ -150,6 +154,12 @@ def available() -> bool:
     except (PlanError, OSError, AttributeError):
         return False
     return True
+
+
+def loaded_version() -> int | None:
+    """The version of the libcusparseLt this process runs (e.g. 800), which is not always the one
+    torch was built against (torch.backends.cusparselt.version()): LD_PRELOAD can put another in."""
+    return _lib().version if available() else None
 
 
 def cache_size() -> int:

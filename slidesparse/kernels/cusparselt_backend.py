@@ -1,8 +1,9 @@
 """The `cusparselt` backend: fused Triton quant+slide -> cuSPARSELt 2:4 GEMM -> fused dequant+bias.
 
-Under torch.compile (vLLM's default) the layer traces as quant+slide and dequant in torch ops
-around one opaque GEMM op, `slidesparse::cusparselt_mm`, so Inductor fuses the quantization into
-the op before and the dequantization into the op after (docs/performance.md, "End to end").
+Under torch.compile (vLLM's default) the layer traces as per-token quantization and dequant in
+torch ops around one opaque op, `slidesparse::cusparselt_mm` (lift the codes, then the GEMM), so
+Inductor fuses the quantization into the op before and the dequantization into the op after
+(docs/performance.md, "End to end").
 
 prepare() (once, at load): pads the slid weight to the GEMM's alignment, compresses it with
 cuSPARSELt, looks up the tuned algorithm per M bucket, and stores everything the op needs in a
@@ -172,27 +173,29 @@ def _dense_unscaled(p: LayerPlan, xd: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("slidesparse::cusparselt_mm", mutates_args=())
-def cusparselt_mm(x_lifted: torch.Tensor | None, x_dense: torch.Tensor | None, w_compressed: torch.Tensor,
-                  layer_id: int, m: int) -> torch.Tensor:
-    """The GEMM alone, what the layer runs under torch.compile between quant(+slide) and dequant
-    written as torch ops (CusparseltBackend.apply): x' [M_pad, K'_pad] (quantized, lifted) or,
-    for the dense buckets, x's codes [M_pad, K] -> unscaled acc [M_pad, N_pad] in the plan's
-    accumulator dtype. The caller passes the input(s) its plan's buckets can use, and the
-    unpadded M, which picks the bucket as in eager mode."""
+def cusparselt_mm(x_codes: torch.Tensor, w_compressed: torch.Tensor, layer_id: int) -> torch.Tensor:
+    """The GEMM alone, what the layer runs under torch.compile between quantization and dequant
+    written as torch ops (CusparseltBackend.apply): x's codes [M, K] -> unscaled acc [M, N_pad]
+    in the plan's accumulator dtype. M picks the bucket, as in eager mode. A sparse bucket lifts
+    the codes first and pads M to the GEMM's alignment (lift_codes, 1-byte moves; 2_4 only pads,
+    and only when M is not aligned); a dense bucket multiplies them as they are."""
     from . import cusparselt as cl
+    from .quant_slide import lift_codes
     p = _PLANS[layer_id]
+    m = x_codes.shape[0]
     kind, alg, split_k = p.choose(m)
-    if (kind == "dense" and x_dense is not None) or x_lifted is None:
-        return _dense_unscaled(p, x_dense)
-    return cl.sparse_mm(w_compressed, x_lifted, p.acc_dtype, alg_id=alg, split_k=split_k, n=cl.padded_n(p.n))
+    if kind == "dense" and p.dense_weight is not None:
+        return _dense_unscaled(p, x_codes)
+    x_lifted = lift_codes(x_codes, p.pattern, cl.K_ALIGN, cl.M_ALIGN, impl="triton" if x_codes.is_cuda else "torch")
+    acc = cl.sparse_mm(w_compressed, x_lifted, p.acc_dtype, alg_id=alg, split_k=split_k, n=cl.padded_n(p.n))
+    return acc[:m] if acc.shape[0] != m else acc
 
 
 @cusparselt_mm.register_fake
-def _(x_lifted, x_dense, w_compressed, layer_id, m):
+def _(x_codes, w_compressed, layer_id):
     from . import cusparselt as cl
     p = _PLANS[layer_id]
-    x = x_lifted if x_lifted is not None else x_dense
-    return x.new_empty(x.shape[0], cl.padded_n(p.n), dtype=p.acc_dtype)
+    return x_codes.new_empty(x_codes.shape[0], cl.padded_n(p.n), dtype=p.acc_dtype)
 
 
 def _prewarm_int8(plan: LayerPlan, scale) -> None:
@@ -282,21 +285,15 @@ class CusparseltBackend(Backend):
             # eager: one op, the Triton quant+slide and dequant kernels around the GEMM
             return torch.ops.slidesparse.cusparselt_linear(x, layer.ss_w_compressed, layer.ss_w_scale, bias,
                                                            layer.ss_layer_id)
-        # traced (vLLM compiles the model): quant(+slide) and dequant as torch ops, which Inductor
-        # fuses into the producer of x (RMSNorm, SiLU*mul) and into the consumer of the output,
-        # the way it fuses vLLM's own dense FP8 quantization; only the GEMM stays opaque. A plan
-        # with dense buckets also gets x's codes (one more fused write of M*K bytes) rather than
-        # gathering them back out of x' inside the op.
-        from . import cusparselt as cl
+        # traced (vLLM compiles the model): per-token quantization and dequant as torch ops, which
+        # Inductor fuses into the producer of x (RMSNorm, SiLU*mul) and into the consumer of the
+        # output, as it does for vLLM's own dense FP8 path. The codes keep x's shape (no lift, no
+        # row padding), so Inductor writes them from the kernel that reduces the row; the op lifts
+        # and pads them only for a sparse bucket.
         from .dequant import dequant
-        from .quant_slide import quant_only, quant_slide
+        from .quant_slide import quant_only
         x2 = x.reshape(-1, p.k)
-        kinds = {c[0] for c in p.choices} if p.dense_weight is not None else {"sparse"}
-        xl = xd = None
-        if "sparse" in kinds:
-            xl, s_tok = quant_slide(x2, p.pattern, p.act_dtype, k_align=cl.K_ALIGN, m_align=cl.M_ALIGN, impl="torch")
-        if "dense" in kinds:
-            xd, s_tok = quant_only(x2, p.act_dtype, m_align=cl.M_ALIGN, impl="torch")
-        acc = torch.ops.slidesparse.cusparselt_mm(xl, xd, layer.ss_w_compressed, layer.ss_layer_id, x2.shape[0])
+        codes, s_tok = quant_only(x2, p.act_dtype, impl="torch")
+        acc = torch.ops.slidesparse.cusparselt_mm(codes, layer.ss_w_compressed, layer.ss_layer_id)
         out = dequant(acc, s_tok, layer.ss_w_scale, bias, x.dtype, m=x2.shape[0], n=p.n, impl="torch")
         return out.reshape(*x.shape[:-1], p.n)

@@ -24,8 +24,11 @@ Row offsets are formed in int64: M * K' passes 2**31 at M=65536, K'=32768.
 With act_dtype=None the kernel only lifts (the BF16/FP16 sparse path), keeping x's values.
 Quant-only (the dense path) is the identity lift: pattern 2_4 with no padding to a group.
 
-`impl="torch"` computes the same with torch ops (what the runtime traces under torch.compile,
-where Inductor fuses it into the producer of x); it is never chosen silently.
+`impl="torch"` computes the same with torch ops (under torch.compile the runtime traces
+quant_only's, which Inductor fuses into the producer of x); it is never chosen silently.
+
+lift_codes() lifts codes that are already quantized (1-byte moves of 2-byte pairs): the traced
+layer's sparse buckets, where quantizing in x's shape lets Inductor keep one reduction kernel.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 from ..pattern import Pattern, parse_pattern
 from ..quant import AMAX_FLOOR, DTYPES, dtype_name, qmax
 
-__all__ = ["quant_slide", "quant_only", "lifted_src_index", "padded_lifted_k", "QuantSlideError"]
+__all__ = ["quant_slide", "quant_only", "lift_codes", "lifted_src_index", "padded_lifted_k", "QuantSlideError"]
 
 
 class QuantSlideError(ValueError):
@@ -281,6 +284,72 @@ def quant_only(x: torch.Tensor, act_dtype: str, k_align: int = 1, m_align: int =
     return _launch(x, None, act_dtype, k_align, m_align, None, identity=True)
 
 
+def lift_codes(q: torch.Tensor, pat: Pattern | str, k_align: int = 1, m_align: int = 1,
+               impl: str = "triton") -> torch.Tensor:
+    """Lift already-quantized codes: q [M, K] (1-byte, from quant_only) -> [M, K'_pad], the bytes
+    quant_slide would have written (the scale is per row, so quantize-then-lift equals
+    lift-then-quantize). The traced layer quantizes in x's shape, fused into x's producer, and
+    lifts here only when the sparse GEMM runs; moving 1-byte codes costs half of re-reading x.
+    Rows are zero-padded to m_align here, not by the quantization, whose output must keep x's
+    shape for Inductor to write it from the same kernel that reduces the row.
+
+    A window is two 2-byte pairs of codes, so the Triton kernel moves int16 pairs; odd K or
+    impl="torch" use the view-and-cat lift."""
+    pat = parse_pattern(pat)
+    if q.dim() != 2 or q.element_size() != 1:
+        raise QuantSlideError(f"lift_codes expects 1-byte codes of shape [M, K], got {q.dtype} {tuple(q.shape)}")
+    m, k = q.shape
+    kq = padded_lifted_k(k, pat, k_align)
+    mp = -(-m // m_align) * m_align
+    if pat.L == 4 and kq == k and mp == m:
+        return q
+    if impl not in ("torch", "triton"):
+        raise QuantSlideError(f"unknown impl {impl!r}: choose triton or torch")
+    if impl == "torch" or k % 2:
+        u = q.view(torch.uint8)
+        lifted = u if pat.L == 4 else _lift_view(u, pat)
+        return torch.nn.functional.pad(lifted, (0, kq - lifted.shape[1], 0, mp - m)).view(q.dtype)
+    if triton is None:
+        raise QuantSlideError("lift_codes(impl='triton') needs triton (use impl='torch')")
+    q = q.contiguous()
+    out = torch.empty(mp, kq, dtype=q.dtype, device=q.device)
+    if mp:
+        src, dst = q.view(torch.int16), out.view(torch.int16)
+        block_m, block_c = 8, 512
+        grid = (triton.cdiv(kq // 2, block_c), triton.cdiv(mp, block_m))
+        _lift_pairs_kernel[grid](src, dst, m, mp, k // 2, kq // 2, pat.num_groups(k), src.stride(0), dst.stride(0),
+                                 P=pat.group // 2, W=pat.windows, INF=pat.L is None,
+                                 BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _lift_pairs_kernel(src_ptr, dst_ptr, M, MP, KP, KQP, NG, stride_s, stride_d,
+                           P: tl.constexpr, W: tl.constexpr, INF: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """dst pair o = (group g, window j, half h) copies src pair g*P + j + h (2_inf: h = 1 is
+        zero); pairs past K or past the last group, and rows M..MP, are zero (the padding)."""
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        o = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        g = o // (2 * W)
+        r = o - g * (2 * W)
+        j = r // 2
+        h = r - 2 * j
+        if INF:
+            src = g * P + j
+            ok = (h == 0) & (g < NG) & (src < KP)
+        else:
+            src = g * P + j + h
+            ok = (g < NG) & (src < KP)
+        rmask = rows < M
+        rows64 = rows.to(tl.int64)
+        v = tl.load(src_ptr + rows64[:, None] * stride_s + src[None, :],
+                    mask=rmask[:, None] & ok[None, :], other=0)
+        tl.store(dst_ptr + rows64[:, None] * stride_d + o[None, :], v,
+                 mask=(rows < MP)[:, None] & (o < KQP)[None, :])
+
+
 def _lift_view(x: torch.Tensor, pat: Pattern) -> torch.Tensor:
     """lift() as views and one cat, no gather: window j of a group is its pairs j and j+1, so
     torch.compile turns it into index math inside whatever kernel it fuses it with."""
@@ -297,9 +366,10 @@ def _lift_view(x: torch.Tensor, pat: Pattern) -> torch.Tensor:
 
 
 def _torch_impl(x, pat, act_dtype, k_align, m_align, out_dtype, identity):
-    """The kernels' result as plain torch ops: what the runtime traces under torch.compile, where
-    Inductor fuses it into the op that produced x (RMSNorm, SiLU*mul), as it does for vLLM's own
-    per-token quantization. Equal to kernels/reference.py (tests/test_kernels_cpu.py)."""
+    """The kernels' result as plain torch ops; quant_only's is what the runtime traces under
+    torch.compile, where Inductor fuses it into the op that produced x (RMSNorm, SiLU*mul), as it
+    does for vLLM's own per-token quantization. Equal to kernels/reference.py
+    (tests/test_kernels_cpu.py)."""
     m, k = x.shape
     xf = x.float()
     if act_dtype is not None:

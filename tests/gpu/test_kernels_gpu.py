@@ -74,6 +74,22 @@ def test_quant_only_and_lift_only(m, act):
     assert torch.equal(xl[:, :r.shape[1]], r) and not bool(xl[:, r.shape[1]:].float().any())
 
 
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("L", LS + ("2_inf",))
+@pytest.mark.parametrize("m", (1, 7, 4096, 65536))
+def test_lift_codes_equals_quant_slide(m, L, act):
+    """The traced layer's sparse input: quant_only's codes lifted by lift_codes' Triton pair
+    gather are the fused quant+slide kernel's bytes, up to M=65536 at K=18944."""
+    from slidesparse.kernels.quant_slide import lift_codes, quant_only, quant_slide
+    k = 18944 if m == 65536 else 3584
+    x = _x(m, k, 91 + m)
+    q, s = quant_only(x, act)
+    lifted = lift_codes(q, L, 64, 16)
+    fused, sf = quant_slide(x, L, act, k_align=64, m_align=16)
+    assert lifted.shape == fused.shape and torch.equal(lifted.view(torch.uint8), fused.view(torch.uint8))
+    assert torch.equal(s, sf)
+
+
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("L", ("2_6", "2_8", "2_10", "2_inf"))
 @pytest.mark.parametrize("k", (2048, 3584, 8200, 18944))
@@ -267,9 +283,10 @@ def test_dense_policy_bucket(wdtype):
 @pytest.mark.parametrize("wdtype", ("int8", "fp8_e4m3"))
 @pytest.mark.parametrize("L", ("2_4", "2_6", "2_8", "2_inf"))
 def test_compiled_linear_matches_eager(L, wdtype):
-    """Under torch.compile the layer traces as torch-op quant+slide -> cusparselt_mm -> torch-op
+    """Under torch.compile the layer traces as torch-op quantization -> cusparselt_mm -> torch-op
     dequant (fused by Inductor into its neighbours): same layer as the eager Triton path, at
-    dynamic M, including a dense bucket at small M (the un-lift gather + unit-scale dense GEMM)."""
+    dynamic M, including a dense bucket at small M (x's codes, unit-scale dense GEMM) and the
+    sparse buckets (the codes lifted by lift_codes' Triton pair gather)."""
     from slidesparse.kernels import cusparselt_backend as cb
     n, k = 3072, 2048
     kl = parse_pattern(L).lifted_k(k)
