@@ -188,7 +188,7 @@ def cusparselt_mm(x_codes: torch.Tensor, w_compressed: torch.Tensor, layer_id: i
         return _dense_unscaled(p, x_codes)
     x_lifted = lift_codes(x_codes, p.pattern, cl.K_ALIGN, cl.M_ALIGN, impl="triton" if x_codes.is_cuda else "torch")
     acc = cl.sparse_mm(w_compressed, x_lifted, p.acc_dtype, alg_id=alg, split_k=split_k, n=cl.padded_n(p.n))
-    return acc[:m] if acc.shape[0] != m else acc
+    return acc[:m]
 
 
 @cusparselt_mm.register_fake

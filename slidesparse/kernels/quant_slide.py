@@ -306,9 +306,7 @@ def lift_codes(q: torch.Tensor, pat: Pattern | str, k_align: int = 1, m_align: i
     if impl not in ("torch", "triton"):
         raise QuantSlideError(f"unknown impl {impl!r}: choose triton or torch")
     if impl == "torch" or k % 2:
-        u = q.view(torch.uint8)
-        lifted = u if pat.L == 4 else _lift_view(u, pat)
-        return torch.nn.functional.pad(lifted, (0, kq - lifted.shape[1], 0, mp - m)).view(q.dtype)
+        return _lift_pad(q.view(torch.uint8), pat, k_align, m_align).view(q.dtype)
     if triton is None:
         raise QuantSlideError("lift_codes(impl='triton') needs triton (use impl='torch')")
     q = q.contiguous()
@@ -365,6 +363,20 @@ def _lift_view(x: torch.Tensor, pat: Pattern) -> torch.Tensor:
     return win.reshape(m, g * pat.lifted_group)
 
 
+def _lift_pad(t: torch.Tensor, pat: Pattern | None, k_align: int, m_align: int) -> torch.Tensor:
+    """lift() (pat None: none) then zero padding to k_align columns and m_align rows, as views, a
+    cat and a pad. 2_4's lift is the identity when K fills its groups: keeping t's shape lets
+    Inductor put a quantization in the same kernel as its amax."""
+    m, k = t.shape
+    if pat is not None and not (pat.L == 4 and k % 4 == 0):
+        t = _lift_view(t, pat)
+    kpad = (-t.shape[1]) % k_align
+    if kpad or m_align > 1:
+        # no branch on the row padding itself: under torch.compile M is symbolic
+        t = torch.nn.functional.pad(t, (0, kpad, 0, (-m) % m_align))
+    return t
+
+
 def _torch_impl(x, pat, act_dtype, k_align, m_align, out_dtype, identity):
     """The kernels' result as plain torch ops; quant_only's is what the runtime traces under
     torch.compile, where Inductor fuses it into the op that produced x (RMSNorm, SiLU*mul), as it
@@ -380,14 +392,7 @@ def _torch_impl(x, pat, act_dtype, k_align, m_align, out_dtype, identity):
         s = (amax / qmax(name)).squeeze(1)
     else:
         s = torch.ones(m, dtype=torch.float32, device=x.device)
-    # 2_4's lift is the identity when K fills its groups: keeping x's shape lets Inductor put the
-    # quantization in the same kernel as the amax, as for the dense path
-    if not identity and not (pat.L == 4 and k % 4 == 0):
-        xf = _lift_view(xf, pat)
-    kpad = (-xf.shape[1]) % k_align
-    if kpad or m_align > 1:
-        # no branch on the row padding itself: under torch.compile M is symbolic
-        xf = torch.nn.functional.pad(xf, (0, kpad, 0, (-m) % m_align))
+    xf = _lift_pad(xf, None if identity else pat, k_align, m_align)
     if act_dtype is None:
         return xf.to(out_dtype or x.dtype), s
     if name == "int8":
