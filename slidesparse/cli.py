@@ -41,10 +41,8 @@ def _keep_freed_memory() -> None:
 
 
 def _user_errors():
-    from .convert.errors import ConvertError
-    from .format import FormatError
-    from .pattern import PatternError
-    return (ConvertError, FormatError, PatternError)
+    from .core.errors import SlideSparseError
+    return (SlideSparseError,)
 
 
 @app.command("make-model")

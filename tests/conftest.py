@@ -7,6 +7,8 @@ reported as skipped with that reason (pytest -ra lists them), never silently dro
 import pytest
 import torch
 
+from slidesparse.convert import make_model
+
 
 def _cuda_ok() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
@@ -19,3 +21,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """preset -> directory of a freshly generated tiny model."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for p in ("tiny-llama", "tiny-qwen2", "tiny-bitnet"):
+        make_model(p, root / p, seed=11)
+        out[p] = root / p
+    return out

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from slidesparse.pattern import (PatternError, is_2to4, lift, pack, parse_pattern, shard_packed, slide, unpack,
+from slidesparse.core.pattern import (PatternError, is_2to4, lift, pack, parse_pattern, shard_packed, slide, unpack,
                                  unslide)
 
 LS = [4, 6, 8, 10, 12, 16, None]

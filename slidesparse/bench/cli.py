@@ -63,8 +63,8 @@ def kernel(
             typer.echo(p)
         return
     import torch
-    from ..pattern import PatternError, parse_pattern
-    from ..quant import dtype_name
+    from ..core.pattern import PatternError, parse_pattern
+    from ..core.quant import QuantError, dtype_name
 
     if not torch.cuda.is_available():
         _fail("the kernel benchmark needs a CUDA GPU (see docs/gpu-host.md)")
@@ -74,7 +74,7 @@ def kernel(
             linear_shapes(p)
         dts = [dtype_name(d) for d in dtypes.split(",") if d.strip()]
         sps = [parse_pattern(s).name for s in sparsities.split(",") if s.strip()]
-    except (PresetError, PatternError, ValueError) as e:
+    except (PresetError, PatternError, QuantError) as e:
         _fail(str(e))
     if any(d not in ("fp8_e4m3", "int8") for d in dts):
         _fail(f"--dtypes must be fp8_e4m3 and/or int8 (presets: {', '.join(all_presets())})")

@@ -12,6 +12,7 @@ Workloads (the same as the numbers quoted in DEVELOPERS.md):
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .report import _atomic_write
+from ..core.io import atomic_write
 
 WORKLOADS = {
     "prefill": dict(input_len=2048, output_len=1, num_prompts=256, max_batched=16384, metric="tokens_per_second"),
@@ -107,8 +108,8 @@ def run(variants: list[Variant], workloads: list[str], out_dir: Path, timeout: f
               "argv": shlex.join(sys.argv), "workloads": {k: WORKLOADS[k] for k in workloads},
               "variants": [v.__dict__ | {"extra": list(v.extra)} for v in variants],
               "results": results, "gpu": _gpu_name(), "versions": _versions()}
-    _atomic_write(out_dir / "e2e.json", json.dumps(report, indent=2).encode())
-    _atomic_write(out_dir / "e2e.md", markdown(report).encode())
+    atomic_write(out_dir / "e2e.json", json.dumps(report, indent=2).encode())
+    atomic_write(out_dir / "e2e.md", markdown(report).encode())
     try:
         plot(report, out_dir / "e2e.png")
     except ImportError:
@@ -176,6 +177,6 @@ def plot(report: dict, path: Path) -> None:
             ax.text(i, r["value"] / base, f"{r['value'] / 1000:.0f}k", ha="center", va="bottom", fontsize=8)
     fig.suptitle(f"vLLM end-to-end, {report['gpu'] or 'CPU'}")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write(path, buf.getvalue())

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..pattern import parse_pattern, slide
-from ..quant import DTYPES, quantize_weight
+from ..core.pattern import parse_pattern, slide
+from ..core.prune import prune_magnitude
+from ..core.quant import DTYPES, quantize_weight
 from .shapes import linear_shapes
 
 SPARSITIES = ("2_4", "2_6", "2_8", "2_10", "2_inf")
@@ -71,15 +72,9 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
 
 
 def pruned_slid_weight(n: int, k: int, sparsity: str, wdtype: str, gen: torch.Generator):
-    """Random weight pruned to Z_L (smallest 2 of each group), quantized, slid: (slid, scale)."""
+    """Random weight pruned to Z_L (the converter's magnitude rule), quantized, slid: (slid, scale)."""
     pat = parse_pattern(sparsity)
-    w = torch.randn(n, k, device="cuda", generator=gen)
-    if pat.L is not None:
-        kp = pat.padded_k(k)
-        g = torch.nn.functional.pad(w, (0, kp - k)).reshape(n, -1, pat.L)
-        drop = g.abs().argsort(-1)[..., :2]
-        g.scatter_(-1, drop, 0.0)
-        w = g.reshape(n, kp)[:, :k].contiguous()
+    w = prune_magnitude(torch.randn(n, k, device="cuda", generator=gen), pat).contiguous()
     q, scale = quantize_weight(w, wdtype)
     del w
     ws = slide(q.float(), pat).to(q.dtype)

@@ -9,8 +9,9 @@ import csv
 import dataclasses
 import io
 import json
-import os
 from pathlib import Path
+
+from ..core.io import atomic_write
 
 TARGETS = [  # (preset, M, dtype, sparsity, min whole-linear speedup summed over the four shapes)
     ("qwen2.5-7b", 16384, "fp8_e4m3", "2_8", 1.15),
@@ -19,13 +20,6 @@ TARGETS = [  # (preset, M, dtype, sparsity, min whole-linear speedup summed over
 ]
 QUANT_BW_TARGET = 0.75
 LAYERS = ("qkv", "o", "gate_up", "down")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _index(rows):
@@ -153,9 +147,9 @@ def plot_png(rows, path: Path) -> bool:
             ax.set_ylabel("dense time / SlideSparse time")
             ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write(path, buf.getvalue())
     return True
 
 
@@ -168,7 +162,7 @@ def write_all(rows, env: dict, outdir: Path, stem: str = "kernel_bench", plot: b
     cw.writeheader()
     cw.writerows(dicts)
     p = outdir / f"{stem}.csv"
-    _atomic_write(p, buf.getvalue().encode())
+    atomic_write(p, buf.getvalue().encode())
     paths.append(p)
     summary = {"env": env, "targets": [], "quant_bandwidth": quant_bandwidth(dicts, env.get("copy_gbs", 1))}
     for preset, m, dt, sp, tgt in TARGETS:
@@ -176,10 +170,10 @@ def write_all(rows, env: dict, outdir: Path, stem: str = "kernel_bench", plot: b
                                    "linear": summed_speedup(dicts, preset, m, dt, sp),
                                    "gemm": summed_speedup(dicts, preset, m, dt, sp, "gemm")})
     p = outdir / f"{stem}.json"
-    _atomic_write(p, json.dumps({"summary": summary, "rows": dicts}, indent=1).encode())
+    atomic_write(p, json.dumps({"summary": summary, "rows": dicts}, indent=1).encode())
     paths.append(p)
     p = outdir / f"{stem}.md"
-    _atomic_write(p, markdown(dicts, env).encode())
+    atomic_write(p, markdown(dicts, env).encode())
     paths.append(p)
     p = outdir / f"{stem}.png"
     if plot and plot_png(dicts, p):

@@ -1,29 +1,27 @@
-"""Model presets for the kernel benchmark: the four linear shapes (N, K) of one decoder layer,
-derived from the configs that `slidesparse make-model` writes (slidesparse.convert.make_model).
-
-qkv and gate_up are the fused projections vLLM runs (q|k|v and gate|up stacked along N).
-"""
+"""Model presets for the kernel benchmark: the four linear layers (N, K) of one decoder layer as
+vLLM builds them (core.layout.vllm_layer_shapes), from the presets' configs (core.presets)."""
 
 from __future__ import annotations
 
-DEFAULT_PRESETS = ("llama3.2-1b", "qwen2.5-7b")
+from ..core.errors import SlideSparseError
+from ..core.layout import projection_shapes, vllm_layer_shapes
+from ..core.presets import PRESETS
+
+SHORT = {"qkv_proj": "qkv", "o_proj": "o", "gate_up_proj": "gate_up", "down_proj": "down"}
 
 
-class PresetError(ValueError):
+class PresetError(SlideSparseError):
     pass
 
 
 def presets() -> tuple[str, ...]:
-    from ..convert.make_model import PRESETS
     return tuple(PRESETS)
 
 
-def linear_shapes(preset: str) -> dict[str, tuple[int, int]]:
-    """{'qkv': (N, K), 'o': ..., 'gate_up': ..., 'down': ...} for one preset."""
-    from ..convert.make_model import PRESETS
+def linear_shapes(preset: str, tp: int = 1) -> dict[str, tuple[int, int]]:
+    """{'qkv': (N, K), 'o': ..., 'gate_up': ..., 'down': ...} of layer 0 of one preset on one of `tp` ranks."""
     if preset not in PRESETS:
         raise PresetError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    c = PRESETS[preset]
-    h, i, nh, nkv = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], c["num_key_value_heads"]
-    hd = c.get("head_dim") or h // nh
-    return {"qkv": ((nh + 2 * nkv) * hd, h), "o": (h, nh * hd), "gate_up": (2 * i, h), "down": (h, i)}
+    cfg = {**PRESETS[preset], "num_hidden_layers": 1}
+    shapes = vllm_layer_shapes(projection_shapes(cfg), cfg, tp)
+    return {SHORT[name.rpartition(".")[2]]: nk for name, nk in shapes.items()}

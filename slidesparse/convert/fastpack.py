@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from ..pattern import Pattern, PatternError, _as_bits, pack, parse_pattern, slide
+from ..core.pattern import Pattern, PatternError, as_bits, pack, parse_pattern, slide
 
 MAX_TABLE_L = 16
 # every bit but the sign bit, for the integer view of each float width
@@ -52,7 +52,7 @@ def slide_pack(w: torch.Tensor, pat: Pattern | str) -> tuple[torch.Tensor, torch
     L, W = pat.group, pat.windows
     src, nib, valid = _tables(L)
     n, k = w.shape
-    bits = _as_bits(w)
+    bits = as_bits(w)
     pad = pat.padded_k(k) - k
     # one extra zero column at the end of every group is where "stored zero" slots point
     g = (torch.nn.functional.pad(bits, (0, pad)) if pad else bits).reshape(n, -1, L)

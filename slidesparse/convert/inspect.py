@@ -7,10 +7,9 @@ import sys
 
 import torch
 
-from ..format import SUFFIX_META, SUFFIX_SCALE, SUFFIX_SHAPE, SUFFIX_VALUES
-from ..quant import dtype_name
-from .load import checkpoint_kind, converted_modules
-from .reader import Checkpoint
+from ..core.checkpoint import Checkpoint, checkpoint_kind, converted_modules
+from ..core.format import SUFFIX_META, SUFFIX_SCALE, SUFFIX_SHAPE, SUFFIX_VALUES
+from ..core.quant import dtype_name
 
 
 def inspect_checkpoint(path) -> dict:

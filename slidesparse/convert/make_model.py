@@ -9,8 +9,7 @@ The tiny presets make the logits peaked (final norm scaled so the logit std is ~
 decoding does not flip on rounding differences between a kernel and its reference, and give the
 projections std 1/sqrt(K) (activations keep rms ~1), so the layers, not the embeddings, decide
 the next token: a broken linear layer changes the generated text.
-Tiny shapes: tiny-llama and tiny-qwen2 have every K a multiple of 4, 6, 8, 12, 16 (tiny-qwen2 of
-10 too); tiny-bitnet's K (128, 320) are not multiples of 6, so 2_6 and 2_12 exercise padding.
+The presets' configs are core.presets'; the tensors each architecture has, core.layout's.
 """
 
 from __future__ import annotations
@@ -22,56 +21,14 @@ from pathlib import Path
 
 import torch
 
+from ..core.layout import model_tensors
+from ..core.presets import PRESETS
 from .errors import ConvertError
 from .writer import AtomicDir, Planned, ShardedWriter
 
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
-
-
-def _llama(hidden, inter, layers, heads, kv, vocab, head_dim=None, tie=True, rope_scaling=None,
-           max_pos=131072):
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-            "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": kv, "head_dim": head_dim or hidden // heads, "vocab_size": vocab,
-            "hidden_act": "silu", "max_position_embeddings": max_pos, "rms_norm_eps": 1e-5,
-            "rope_theta": 500000.0, "rope_scaling": rope_scaling, "attention_bias": False,
-            "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1, "initializer_range": 0.02,
-            "tie_word_embeddings": tie, "use_cache": True}
-
-
-def _qwen2(hidden, inter, layers, heads, kv, vocab, tie=False, eps=1e-6, max_pos=32768):
-    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": hidden,
-            "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": kv, "vocab_size": vocab, "hidden_act": "silu",
-            "max_position_embeddings": max_pos, "rms_norm_eps": eps, "rope_theta": 1000000.0,
-            "rope_scaling": None, "use_sliding_window": False, "sliding_window": None,
-            "max_window_layers": layers, "attention_dropout": 0.0, "initializer_range": 0.02,
-            "tie_word_embeddings": tie, "use_cache": True}
-
-
-def _bitnet(hidden, inter, layers, heads, kv, vocab, tie=True, max_pos=4096):
-    return {"architectures": ["BitNetForCausalLM"], "model_type": "bitnet", "hidden_size": hidden,
-            "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": kv, "head_dim": hidden // heads, "vocab_size": vocab, "hidden_act": "relu2",
-            "max_position_embeddings": max_pos, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-            "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
-            "tie_word_embeddings": tie, "use_cache": True}
-
-
-PRESETS: dict[str, dict] = {
-    "llama3.2-1b": _llama(2048, 8192, 16, 32, 8, 128256, head_dim=64, rope_scaling=_LLAMA3_ROPE),
-    "llama3.2-3b": _llama(3072, 8192, 28, 24, 8, 128256, head_dim=128, rope_scaling=_LLAMA3_ROPE),
-    "qwen2.5-7b": _qwen2(3584, 18944, 28, 28, 4, 152064),
-    "qwen2.5-14b": _qwen2(5120, 13824, 48, 40, 8, 152064, eps=1e-5),
-    "bitnet-b1.58-2b": _bitnet(2560, 6912, 30, 20, 5, 128256),
-    "tiny-llama": _llama(96, 288, 2, 3, 1, 512, head_dim=32, max_pos=4096),
-    "tiny-qwen2": _qwen2(240, 480, 2, 3, 1, 1024, max_pos=4096),
-    "tiny-bitnet": _bitnet(128, 320, 2, 4, 2, 512),
-}
 TINY_LOGIT_STD = 8.0
 STD = 0.02
 # special tokens by model_type; Qwen2's tokenizer class insists on <|endoftext|> existing
@@ -79,36 +36,13 @@ SPECIALS = {"llama": ("<|begin_of_text|>", "<|end_of_text|>"), "bitnet": ("<|beg
             "qwen2": ("<|im_start|>", "<|endoftext|>")}
 
 
-def tensor_plan(cfg: dict, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], str]]:
+def tensor_plan(cfg: dict) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, init) of every weight, in HF order; init is 'normal', 'ones' or 'final_norm'."""
-    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = cfg.get("head_dim") or h // heads
-    bitnet, qwen = cfg["model_type"] == "bitnet", cfg["model_type"] == "qwen2"
-    out = [("model.embed_tokens.weight", (v, h), "normal")]
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        out += [(p + "input_layernorm.weight", (h,), "ones"),
-                (p + "self_attn.q_proj.weight", (heads * hd, h), "normal"),
-                (p + "self_attn.k_proj.weight", (kv * hd, h), "normal"),
-                (p + "self_attn.v_proj.weight", (kv * hd, h), "normal")]
-        if qwen:
-            out += [(p + "self_attn.q_proj.bias", (heads * hd,), "normal"),
-                    (p + "self_attn.k_proj.bias", (kv * hd,), "normal"),
-                    (p + "self_attn.v_proj.bias", (kv * hd,), "normal")]
-        out.append((p + "self_attn.o_proj.weight", (h, heads * hd), "normal"))
-        if bitnet:
-            out.append((p + "self_attn.attn_sub_norm.weight", (h,), "ones"))
-        out += [(p + "post_attention_layernorm.weight", (h,), "ones"),
-                (p + "mlp.gate_proj.weight", (inter, h), "normal"),
-                (p + "mlp.up_proj.weight", (inter, h), "normal"),
-                (p + "mlp.down_proj.weight", (h, inter), "normal")]
-        if bitnet:
-            out.append((p + "mlp.ffn_sub_norm.weight", (inter,), "ones"))
-    out.append(("model.norm.weight", (h,), "final_norm"))
-    if not cfg.get("tie_word_embeddings"):
-        out.append(("lm_head.weight", (v, h), "normal"))
-    return out
+    def init(name: str, shape) -> str:
+        if name == "model.norm.weight":
+            return "final_norm"
+        return "ones" if name.endswith("norm.weight") else "normal"
+    return [(name, shape, init(name, shape)) for name, shape in model_tensors(cfg)]
 
 
 def _generate(name: str, shape, init: str, dtype: torch.dtype, seed: int, final_norm: float,
@@ -176,7 +110,7 @@ def make_model(preset: str, out: str | Path, dtype: str = "bf16", seed: int = 0,
     tok, bos, eos, tok_config = build_tokenizer(cfg["vocab_size"], cfg["max_position_embeddings"],
                                                    cfg["model_type"])
     cfg.update(bos_token_id=bos, eos_token_id=eos, torch_dtype=TORCH_DTYPE_NAMES[dtype])
-    plan = tensor_plan(cfg, tdt)
+    plan = tensor_plan(cfg)
     final_norm = 1.0
     tiny = preset.startswith("tiny-")
     if tiny:

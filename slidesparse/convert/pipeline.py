@@ -7,10 +7,8 @@ The source directory is only read; the output appears atomically (writer.AtomicD
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,16 +17,18 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..format import (SUFFIX_META, SUFFIX_SCALE, SUFFIX_SHAPE, SUFFIX_VALUES, TUNING_FILE, SlideSparseConfig,
-                      empty_tuning)
-from ..pattern import Pattern, PatternError, parse_pattern
-from ..quant import DTYPES, QUANTIZED, dtype_name, quantize_ternary, quantize_weight
+from ..core.checkpoint import Checkpoint
+from ..core.format import (SUFFIX_META, SUFFIX_SCALE, SUFFIX_SHAPE, SUFFIX_VALUES, TUNING_FILE,
+                           SlideSparseConfig)
+from ..core.layout import (FUSED, Arch, IgnoreRule, check_fused_ignored, detect, is_projection, layer_key,
+                           projection_shapes)
+from ..core.pattern import Pattern, PatternError, parse_pattern
+from ..core.prune import prune_codes, prune_magnitude
+from ..core.quant import DTYPES, QUANTIZED, QuantError, dtype_name, quantize_ternary, quantize_weight
+from ..core.tuning import TuningTable
 from . import compressed_tensors as ct
-from .arch import Arch, detect, expected_shapes, is_projection, layer_key
 from .errors import ConvertError
 from .fastpack import slide_pack
-from .prune import prune_codes, prune_magnitude
-from .reader import Checkpoint
 from .writer import AtomicDir, Planned, ShardedWriter
 
 FORMATS = ("slidesparse", "compressed-tensors")
@@ -36,7 +36,6 @@ FORMATS = ("slidesparse", "compressed-tensors")
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
              "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
              "chat_template.json", "preprocessor_config.json")
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 # ----------------------------------------------------------------------------- the source
@@ -51,18 +50,6 @@ class Source:
     modules: list[str]                # projections to convert
     ignored: list[str]                # projections left as they are (--ignore)
     shapes: dict[str, tuple[int, int]]
-
-
-def compile_ignore(patterns) -> callable:
-    """--ignore: a glob (fnmatch, whole module name) unless it starts with 're:' (regex, re.search)."""
-    rx = []
-    for p in patterns or ():
-        try:
-            rx.append(re.compile(p[3:]) if p.startswith("re:") else re.compile(fnmatch.translate(p)))
-        except re.error as e:
-            raise ConvertError(f"--ignore {p!r}: bad regular expression ({e})") from None
-    return lambda name: any(r.search(name) if p.startswith("re:") else r.match(name)
-                            for p, r in zip(patterns or (), rx))
 
 
 def open_source(src: str | Path, ignore=()) -> Source:
@@ -84,7 +71,7 @@ def open_source(src: str | Path, ignore=()) -> Source:
         else:
             raise ConvertError(f"{src}: source quantization {method!r} is not supported "
                                "(BF16/FP16/FP32 or compressed-tensors W8A8)")
-    expected = expected_shapes(cfg)
+    expected = projection_shapes(cfg)
     present = {n[: -len(".weight")] for n in ckpt.tensors if n.endswith(".weight")}
     present = {m for m in present if is_projection(m)}
     extra = sorted(present - set(expected), key=layer_key)
@@ -94,7 +81,7 @@ def open_source(src: str | Path, ignore=()) -> Source:
     missing = sorted(set(expected) - present, key=layer_key)
     if missing:
         raise ConvertError(f"{src}: missing tensor {missing[0]}.weight ({len(missing)} projections missing)")
-    is_ignored = compile_ignore(list(ignore))
+    is_ignored = IgnoreRule(tuple(ignore))
     modules, ignored = [], []
     for m in sorted(expected, key=layer_key):
         info = ckpt.tensors[m + ".weight"]
@@ -104,12 +91,12 @@ def open_source(src: str | Path, ignore=()) -> Source:
         bias = ckpt.tensors.get(m + ".bias")
         if bias is not None and bias.shape != (expected[m][0],):
             raise ConvertError(f"{src}: {m}.bias has shape {list(bias.shape)}, expected [{expected[m][0]}]")
-        if arch.qkv_bias and m.rsplit(".", 1)[1] in FUSED_GROUPS[0] and bias is None:
+        if arch.qkv_bias and m.rsplit(".", 1)[1] in FUSED["qkv_proj"] and bias is None:
             raise ConvertError(f"{src}: {m}.bias is missing ({arch.name} has q/k/v biases)")
         (ignored if is_ignored(m) else modules).append(m)
         if ct_dtype:
             _check_ct_module(ckpt, m, info, ct_dtype, expected[m][0], ignored=is_ignored(m))
-    _check_fused(ignored)
+    check_fused_ignored(ignored)
     return Source(ckpt, arch, ct_dtype, modules, ignored, expected)
 
 
@@ -125,19 +112,6 @@ def _check_ct_module(ckpt, m, info, ct_dtype, n, ignored):
     if s.shape not in ((n, 1), (n,)) or not s.dtype.is_floating_point:
         raise ConvertError(f"{ckpt.path}: {m}.weight_scale has shape {list(s.shape)} {s.dtype}; "
                            f"expected per-channel [{n}, 1] floats")
-
-
-def _check_fused(ignored: list[str]) -> None:
-    # vLLM fuses q/k/v and gate/up into one linear, so their storage formats must agree
-    ign = set(ignored)
-    for m in ignored:
-        prefix, leaf = m.rsplit(".", 1)
-        for group in FUSED_GROUPS:
-            if leaf in group:
-                other = [f"{prefix}.{o}" for o in group if f"{prefix}.{o}" not in ign]
-                if other:
-                    raise ConvertError(f"--ignore matches {m} but not {other[0]}: vLLM fuses "
-                                       f"{'/'.join(group)}, so ignore all of them or none")
 
 
 # ----------------------------------------------------------------------------- one module
@@ -202,7 +176,7 @@ def resolve_options(src: Source, sparsity: str, dtype: str | None, fmt: str) -> 
         dtype = src.ct_dtype or "fp8_e4m3"
     try:
         dtype = dtype_name(dtype)
-    except ValueError as e:
+    except QuantError as e:
         raise ConvertError(str(e)) from None
     if src.ct_dtype and dtype != src.ct_dtype:
         raise ConvertError(f"the source is a {src.ct_dtype} compressed-tensors checkpoint whose values are kept: "
@@ -271,7 +245,7 @@ def _convert(src, dst, sparsity, dtype, fmt, ignore, overwrite, max_shard_bytes,
         if fmt == "slidesparse":
             qcfg = _slidesparse_config(source, pat, dtype, ignore, src_path)
             config["quantization_config"] = qcfg.to_dict()
-            (tmp / TUNING_FILE).write_text(json.dumps(empty_tuning(), indent=2) + "\n")
+            TuningTable().save(tmp / TUNING_FILE)
         else:
             config["quantization_config"] = ct.export_config(dtype, list(ignore))
             # how it was made, outside quantization_config (which vLLM parses); verify reads it
@@ -281,7 +255,6 @@ def _convert(src, dst, sparsity, dtype, fmt, ignore, overwrite, max_shard_bytes,
         for f in AUX_FILES:
             if (src_path / f).is_file():
                 shutil.copyfile(src_path / f, tmp / f)
-    ckpt.close()
     return {
         "source": str(src), "destination": str(dst), "architecture": source.arch.name,
         "format": fmt, "sparsity": pat.name if pat else "none", "dtype": dtype,

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from ..pattern import PatternError, _as_bits, _no_negative_zero, check_groups, is_2to4, parse_pattern
-from ..quant import dtype_name
+from ..core.checkpoint import Checkpoint, checkpoint_kind, converted_modules, load_layer
+from ..core.pattern import PatternError, as_bits, check_groups, is_2to4, no_negative_zero, parse_pattern
+from ..core.quant import dtype_name
 from .errors import ConvertError
 from .fastpack import slide_pack
-from .load import checkpoint_kind, converted_modules, load_layer
 from .pipeline import open_source, quantize_module
-from .reader import Checkpoint
 
 
 class VerifyError(ConvertError):
@@ -29,7 +28,7 @@ class VerifyError(ConvertError):
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(_as_bits(_no_negative_zero(a)), _as_bits(_no_negative_zero(b)))
+    return torch.equal(as_bits(no_negative_zero(a)), as_bits(no_negative_zero(b)))
 
 
 def verify(path, source=None, progress: bool = False) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConvertError
-from .reader import INDEX_NAME, TORCH_TO_ST
+from ..core.checkpoint import INDEX_NAME, TORCH_TO_ST
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import threading
 
 import torch
 
-__all__ = ["available", "sparse_mm", "PlanError", "cache_size"]
+__all__ = ["available", "sparse_mm", "PlanError", "loaded_version"]
 
 _CUDA_R_16F, _CUDA_R_16BF, _CUDA_R_32F, _CUDA_R_8I, _CUDA_R_32I, _CUDA_R_8F_E4M3 = 2, 14, 0, 3, 10, 28
 _ORDER_COL, _ORDER_ROW = 1, 2
@@ -161,10 +161,6 @@ def loaded_version() -> int | None:
     """The version of the libcusparseLt this process runs (e.g. 800), which is not always the one
     torch was built against (torch.backends.cusparselt.version()): LD_PRELOAD can put another in."""
     return _lib().version if available() else None
-
-
-def cache_size() -> int:
-    return len(_PLANS)
 
 
 def sparse_mm(w_compressed: torch.Tensor, n: int, xq: torch.Tensor, out_dtype: torch.dtype | None,

@@ -30,7 +30,7 @@ if triton is not None:
     def _dequant_kernel(acc_ptr, st_ptr, sc_ptr, b_ptr, out_ptr, M, N,
                         stride_am, stride_an, stride_om,
                         HAS_SC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid = tl.program_id(0)
         tiles_n = tl.cdiv(N, BLOCK_N)
         pm = pid // tiles_n
@@ -76,5 +76,5 @@ def dequant(acc: torch.Tensor, s_tok: torch.Tensor, s_ch: torch.Tensor | None, b
     _dequant_kernel[grid](acc, s_tok, s_ch if s_ch is not None else s_tok, bias if bias is not None else s_tok,
                           out, m, n, acc.stride(0), acc.stride(1), out.stride(0),
                           HAS_SC=s_ch is not None, HAS_BIAS=bias is not None,
-                          BLOCK_M=bm, BLOCK_N=bn, GROUP_N=1, num_warps=4)
+                          BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
     return out

@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import torch
 
-from ..pattern import Pattern, parse_pattern
-from ..quant import AMAX_FLOOR, DTYPES, dtype_name, qmax
+from ..core.pattern import Pattern, lift, parse_pattern
+from ..core.quant import AMAX_FLOOR, DTYPES, dtype_name, qmax, quantize_rows
 
-__all__ = ["quant_slide", "quant_only", "lift_codes", "lifted_src_index", "padded_lifted_k", "QuantSlideError"]
+__all__ = ["quant_slide", "quant_only", "lift_codes", "padded_lifted_k", "QuantSlideError"]
 
 
 class QuantSlideError(ValueError):
@@ -48,23 +48,6 @@ class QuantSlideError(ValueError):
 def padded_lifted_k(k: int, pat: Pattern | str, k_align: int = 1) -> int:
     kp = parse_pattern(pat).lifted_k(k)
     return -(-kp // k_align) * k_align
-
-
-def lifted_src_index(c: torch.Tensor, k: int, group: int, windows: int) -> torch.Tensor:
-    """The kernel's index math in torch (for CPU tests): source column of lifted column c, or -1.
-
-    Lifted column c lies in group g = c // 4W, window j, slot t; it copies x[g*L + 2j + t] when
-    that position is inside the group and inside K, else it is zero.
-    """
-    lg = 4 * windows
-    g = c // lg
-    r = c - g * lg
-    j = r // 4
-    t = r - 4 * j
-    within = 2 * j + t
-    src = g * group + within
-    valid = (within < group) & (src < k)
-    return torch.where(valid, src, torch.full_like(src, -1))
 
 
 try:  # Triton is optional at import time: CPU machines import this module for tests and fallbacks
@@ -348,28 +331,13 @@ if triton is not None:
                  mask=(rows < MP)[:, None] & (o < KQP)[None, :])
 
 
-def _lift_view(x: torch.Tensor, pat: Pattern) -> torch.Tensor:
-    """lift() as views and one cat, no gather: window j of a group is its pairs j and j+1, so
-    torch.compile turns it into index math inside whatever kernel it fuses it with."""
-    m, k = x.shape
-    g = pat.num_groups(k)
-    if g * pat.group != k:
-        x = torch.nn.functional.pad(x, (0, g * pat.group - k))
-    p = x.reshape(m, g, pat.group // 2, 2)
-    if pat.L is None:                      # 2_inf: a window is [x0, x1, 0, 0]
-        win = torch.cat([p, torch.zeros_like(p)], dim=-1)
-    else:
-        win = torch.cat([p[:, :, :-1], p[:, :, 1:]], dim=-1)
-    return win.reshape(m, g * pat.lifted_group)
-
-
 def _lift_pad(t: torch.Tensor, pat: Pattern | None, k_align: int, m_align: int) -> torch.Tensor:
     """lift() (pat None: none) then zero padding to k_align columns and m_align rows, as views, a
     cat and a pad. 2_4's lift is the identity when K fills its groups: keeping t's shape lets
     Inductor put a quantization in the same kernel as its amax."""
     m, k = t.shape
     if pat is not None and not (pat.L == 4 and k % 4 == 0):
-        t = _lift_view(t, pat)
+        t = lift(t, pat)
     kpad = (-t.shape[1]) % k_align
     if kpad or m_align > 1:
         # no branch on the row padding itself: under torch.compile M is symbolic
@@ -378,23 +346,11 @@ def _lift_pad(t: torch.Tensor, pat: Pattern | None, k_align: int, m_align: int) 
 
 
 def _torch_impl(x, pat, act_dtype, k_align, m_align, out_dtype, identity):
-    """The kernels' result as plain torch ops; quant_only's is what the runtime traces under
-    torch.compile, where Inductor fuses it into the op that produced x (RMSNorm, SiLU*mul), as it
-    does for vLLM's own per-token quantization. Equal to kernels/reference.py
-    (tests/test_kernels_cpu.py)."""
-    m, k = x.shape
-    xf = x.float()
-    if act_dtype is not None:
-        name = dtype_name(act_dtype)
-        amax = xf.abs().amax(dim=1, keepdim=True).clamp(min=AMAX_FLOOR)
-        # reciprocal(amax) * qmax, the way torch evaluates qmax / amax (the kernels mirror it too)
-        xf = xf * (amax.reciprocal() * qmax(name))
-        s = (amax / qmax(name)).squeeze(1)
-    else:
-        s = torch.ones(m, dtype=torch.float32, device=x.device)
-    xf = _lift_pad(xf, None if identity else pat, k_align, m_align)
+    """The kernels' result as plain torch ops: core.quant.quantize_rows, then the lift and the
+    padding of the codes (quantizing commutes with lifting: the scale is per row)."""
+    lifted = None if identity else pat
     if act_dtype is None:
-        return xf.to(out_dtype or x.dtype), s
-    if name == "int8":
-        return xf.round().clamp(-qmax(name), qmax(name)).to(torch.int8), s
-    return xf.clamp(-qmax(name), qmax(name)).to(DTYPES[name]), s
+        return _lift_pad(x, lifted, k_align, m_align).to(out_dtype or x.dtype), \
+            torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+    q, s = quantize_rows(x, act_dtype)
+    return _lift_pad(q.view(torch.uint8), lifted, k_align, m_align).view(q.dtype), s

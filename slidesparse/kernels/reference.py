@@ -1,8 +1,10 @@
-"""Pure-torch references for the SlideSparse linear: the definitions the GPU kernels must match.
+"""Pure-torch references for the SlideSparse linear: the definitions the GPU kernels must match,
+and the `reference` backend's custom op.
 
     quant_slide_ref:  x [M, K] (bf16/fp16/fp32) -> lifted, per-token quantized x' [M, K'pad], s_tok [M]
     dequant_ref:      acc [M, N] (fp32/int32)    -> acc * s_tok[m] * s_ch[n] + bias[n], in out dtype
     linear_ref:       the whole layer through the dense equivalent of the lifted product
+    slidesparse::reference_linear   the layer as one custom op (dense-equivalent or literally lifted)
 
 Lifting commutes with per-token quantization (it only copies values of a row, so the row's amax
 and scale are unchanged); the references quantize first, then lift.
@@ -12,20 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from ..pattern import Pattern, lift, parse_pattern
-from ..quant import dequantize, quantize_activations
-
-
-def quant_ref(x: torch.Tensor, act_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token dynamic quantization only (the dense path's activation kernel)."""
-    return quantize_activations(x, act_dtype)
+from ..core.pattern import Pattern, lift, parse_pattern
+from ..core.quant import dequantize, quantize_rows
 
 
 def quant_slide_ref(x: torch.Tensor, pat: Pattern | str, act_dtype: str,
                     k_align: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (lifted quantized x' [M, K'] zero-padded to a multiple of k_align, s_tok [M])."""
     pat = parse_pattern(pat)
-    q, s = quantize_activations(x, act_dtype)
+    q, s = quantize_rows(x, act_dtype)
     # lift in float32 (exact for int8/fp8 values), then back to the storage dtype
     ql = lift(q.float(), pat)
     pad = (-ql.shape[-1]) % k_align
@@ -61,7 +58,7 @@ def linear_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None,
         acc = x2.to(compute_dtype) @ w_q.to(compute_dtype).T
         out = acc if bias is None else acc + bias.to(compute_dtype)
         return out.to(x.dtype).reshape(*shape[:-1], -1)
-    q, s_tok = quantize_activations(x2, act_dtype)
+    q, s_tok = quantize_rows(x2, act_dtype)
     acc = q.to(compute_dtype) @ w_q.to(compute_dtype).T
     out = acc * s_tok.to(compute_dtype).unsqueeze(-1)
     if w_scale is not None:
@@ -80,3 +77,43 @@ def masked_dense_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor |
     if bias is not None:
         out = out + bias.double()
     return out.reshape(*x.shape[:-1], -1)
+
+
+# compute dtypes the reference op accepts by name (custom-op schemas take str, not torch.dtype)
+_COMPUTE = {"float64": torch.float64, "float32": torch.float32}
+
+
+@torch.library.custom_op("slidesparse::reference_linear", mutates_args=())
+def reference_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                     bias: torch.Tensor | None, act_dtype: str, lift_l: int, compute: str) -> torch.Tensor:
+    """One SlideSparse linear layer in pure torch.
+
+    lift_l == 0: `weight` is the unslid [N, K] weight and the product is the exact dense
+    equivalent (kernels.reference.linear_ref). lift_l == L (or -1 for 2_inf): `weight` is the slid
+    [N, K'] weight and the activations are quantized, lifted and multiplied literally, as the GPU
+    path does. act_dtype "" means unquantized activations.
+    """
+    act = act_dtype or None
+    cdt = _COMPUTE[compute]
+    if lift_l == 0:
+        return linear_ref(x, weight, scale, bias, act, compute_dtype=cdt)
+    pat = parse_pattern("2_inf" if lift_l < 0 else f"2_{lift_l}")
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if act is None:
+        xl, s_tok = lift(x2, pat), None
+    else:
+        xl, s_tok = quant_slide_ref(x2, pat, act)
+    out = xl.to(cdt) @ weight.to(cdt).T
+    if s_tok is not None:
+        out = out * s_tok.to(cdt).unsqueeze(-1)
+    if scale is not None:
+        out = out * scale.to(cdt)
+    if bias is not None:
+        out = out + bias.to(cdt)
+    return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+
+
+@reference_linear.register_fake
+def _(x, weight, scale, bias, act_dtype, lift_l, compute):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -19,14 +19,17 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from ..format import (QUANT_METHOD, TUNING_FILE, SUFFIX_META, SUFFIX_SCALE, SUFFIX_SHAPE, SUFFIX_VALUES, TARGET_MODULES,
-                      FormatError, SlideSparseConfig)
-from ..convert.pipeline import compile_ignore
-from ..pattern import unpack
-from ..quant import DTYPES
-from .backends import SlidWeight, select_backend
+from ..core.format import (QUANT_METHOD, TUNING_FILE, SUFFIX_META, SUFFIX_SCALE, SUFFIX_SHAPE, SUFFIX_VALUES,
+                           FormatError, SlideSparseConfig)
+from ..core.layout import TARGET_MODULES, IgnoreRule
+from ..core.pattern import unpack
+from ..core.quant import DTYPES
+from ..core.tuning import TuningTable
+from .backends import Backend, SlidWeight, select_backend
 from .sharding import LayerShards, make_loader
 from .validate import validate_checkpoint
+
+ENV_TUNING = "SLIDESPARSE_TUNING"  # a tuning file that overrides the checkpoint's own
 
 
 class SlideSparseQuantConfig(QuantizationConfig):
@@ -36,7 +39,11 @@ class SlideSparseQuantConfig(QuantizationConfig):
         super().__init__()
         self.cfg = cfg
         self.backend = backend  # optional "backend" key of the block; SLIDESPARSE_BACKEND wins
-        self.tuning_file: str | None = None  # the checkpoint's slidesparse_tuning.json, if any
+        self.ignored = IgnoreRule(cfg.ignore)
+        # this checkpoint's tuning table (its slidesparse_tuning.json, or SLIDESPARSE_TUNING), read
+        # at config time; the config travels to vLLM's engine and worker processes with it
+        self.tuning: TuningTable | None = None
+        self._backends: dict[tuple, Backend] = {}  # one instance per device and dtype, for this model
 
     def __repr__(self) -> str:
         return f"SlideSparseQuantConfig({self.cfg.sparsity}, {self.cfg.weight_dtype}, act={self.cfg.activation_dtype})"
@@ -61,13 +68,20 @@ class SlideSparseQuantConfig(QuantizationConfig):
         return cls(SlideSparseConfig.from_dict(config), backend=config.get("backend"))
 
     def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None):
-        # Runs in the front-end process at config time: a mismatched checkpoint fails here with
-        # a clear message, before any engine process starts.
+        # Runs in the front-end process at config time: a mismatched checkpoint or tuning file
+        # fails here with a clear message, before any engine process starts.
+        path = os.environ.get(ENV_TUNING)
         if os.path.isdir(model_name):
             validate_checkpoint(model_name, self.cfg)
-            tuning = os.path.join(model_name, TUNING_FILE)
-            # a plain attribute: the config is pickled to the engine and TP workers
-            self.tuning_file = tuning if os.path.isfile(tuning) else None
+            own = os.path.join(model_name, TUNING_FILE)
+            path = path or (own if os.path.isfile(own) else None)
+        self.tuning = TuningTable.load(path) if path else None
+
+    def backend_for(self, device: torch.device) -> Backend:
+        key = (str(device), self.cfg.weight_dtype)
+        if key not in self._backends:
+            self._backends[key] = select_backend(device, self.backend, self.cfg.weight_dtype, tuning=self.tuning)
+        return self._backends[key]
 
     def _proj_names(self, prefix: str) -> list[str]:
         """vLLM layer prefix -> the checkpoint module names it holds (qkv_proj -> q, k, v)."""
@@ -75,16 +89,11 @@ class SlideSparseQuantConfig(QuantizationConfig):
         parts = self.packed_modules_mapping.get(last, [last])
         return [f"{head}.{p}" if head else p for p in parts]
 
-    def _ignored(self, name: str) -> bool:
-        # the converter's --ignore semantics (globs, re:); compiled per call: the config is pickled
-        # to TP workers, and compiled matchers are closures
-        return compile_ignore(self.cfg.ignore)(name)
-
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if not isinstance(layer, LinearBase):
             return None  # embeddings, lm_head: stored unchanged
         names = self._proj_names(prefix)
-        converted = [n.rpartition(".")[2] in TARGET_MODULES and not self._ignored(n) for n in names]
+        converted = [n.rpartition(".")[2] in TARGET_MODULES and not self.ignored(n) for n in names]
         if not any(converted):
             return UnquantizedLinearMethod()
         if not all(converted):
@@ -138,9 +147,7 @@ class SlideSparseLinearMethod(LinearMethodBase):
         w = SlidWeight(pattern=cfg.pattern, in_features=shards.k_local, out_features=slid.shape[0],
                        weight_dtype=cfg.weight_dtype, act_dtype=cfg.activation_dtype, slid=slid,
                        scale=layer.weight_scale.data if cfg.quantized else None)
-        backend = select_backend(slid.device, self.qc.backend, cfg.weight_dtype)
-        if backend.name == "cusparselt":
-            _install_tuning(self.qc.tuning_file)
+        backend = self.qc.backend_for(slid.device)
         backend.prepare(layer, w)
         for s in suffixes:  # the backend keeps what it needs; the packed form is no longer used
             delattr(layer, s)
@@ -149,15 +156,3 @@ class SlideSparseLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return layer.ss_backend.apply(layer, x, bias)
 
-
-_TUNING_INSTALLED: list[str | None] = [None]
-
-
-def _install_tuning(path: str | None) -> None:
-    """Hand the checkpoint's tuning file to the cusparselt backend (once per file; an explicit
-    SLIDESPARSE_TUNING wins)."""
-    from ..kernels.cusparselt_backend import ENV_TUNING, load_tuning, set_tuning
-    if path is None or os.environ.get(ENV_TUNING) or _TUNING_INSTALLED[0] == path:
-        return
-    set_tuning(load_tuning(path))
-    _TUNING_INSTALLED[0] = path

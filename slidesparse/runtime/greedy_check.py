@@ -41,21 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     sp = SamplingParams(max_tokens=a.max_tokens, temperature=0, ignore_eos=True, detokenize=False)
     results = {}
     for ckpt in a.ckpts:
+        llm = None
         try:
             llm = LLM(model=ckpt, skip_tokenizer_init=True, enforce_eager=not a.compile, dtype=a.dtype,
                       max_model_len=256, max_num_seqs=8, tensor_parallel_size=a.tp, seed=0,
                       **({"gpu_memory_utilization": a.gpu_memory_utilization} if a.gpu_memory_utilization else {}))
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+            results[ckpt] = [list(o.outputs[0].token_ids) for o in outs]
         except Exception as e:  # noqa: BLE001 - reported per checkpoint, the tests decide
             results[ckpt] = {"error": f"{type(e).__name__}: {e}"}
-            continue
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-        results[ckpt] = [list(o.outputs[0].token_ids) for o in outs]
         del llm
         gc.collect()
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"prompts": prompts, "results": results}, f)
-    os.replace(tmp, a.out)
+    from ..core.io import atomic_write
+    atomic_write(a.out, json.dumps({"prompts": prompts, "results": results}))
     return 0
 
 

@@ -21,8 +21,8 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, register_quantization_config
 
-    from ..format import QUANT_METHOD
-    from . import ops  # noqa: F401  (defines torch.ops.slidesparse.*)
+    from ..core.format import QUANT_METHOD
+    from ..kernels import reference, sparse_linear  # noqa: F401  (define torch.ops.slidesparse.*)
     from .config import SlideSparseQuantConfig
 
     if QUANT_METHOD not in QUANTIZATION_METHODS or _registered_cls(QUANT_METHOD) is not SlideSparseQuantConfig:

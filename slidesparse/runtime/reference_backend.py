@@ -1,7 +1,7 @@
 """The `reference` backend: pure torch, any device, the same math as the GPU path.
 
 prepare() keeps the unslid [N, K] weight (the exact dense equivalent of the slid one) and the
-scale; apply() is the slidesparse::reference_linear op. SLIDESPARSE_REFERENCE_MODE=lifted keeps
+scale; apply() is the slidesparse::reference_linear op (kernels/reference.py). SLIDESPARSE_REFERENCE_MODE=lifted keeps
 the slid [N, K'] weight instead and runs the literal quantize -> lift -> x' @ W'^T product (slower;
 tests check that both forms agree). SLIDESPARSE_REFERENCE_COMPUTE=float32 trades the float64
 accumulation for speed.
@@ -13,9 +13,9 @@ import os
 
 import torch
 
-from ..pattern import unslide
-from . import ops  # noqa: F401  (defines torch.ops.slidesparse.*)
-from .backends import Backend, BackendError, SlidWeight, register_backend
+from ..core.pattern import unslide
+from ..kernels import reference  # noqa: F401  (defines torch.ops.slidesparse.reference_linear)
+from .backend import Backend, BackendError, SlidWeight
 
 ENV_MODE = "SLIDESPARSE_REFERENCE_MODE"
 ENV_COMPUTE = "SLIDESPARSE_REFERENCE_COMPUTE"
@@ -25,11 +25,11 @@ def _param(t: torch.Tensor) -> torch.nn.Parameter:
     return torch.nn.Parameter(t.contiguous(), requires_grad=False)
 
 
-@register_backend
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def __init__(self, mode: str | None = None, compute: str | None = None):
+    def __init__(self, mode: str | None = None, compute: str | None = None, tuning=None):
+        # tuning is accepted and unused: this backend runs the same math at every M
         self.mode = mode or os.environ.get(ENV_MODE, "dense")
         self.compute = compute or os.environ.get(ENV_COMPUTE, "float64")
         if self.mode not in ("dense", "lifted"):

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..format import SUFFIX_META, SUFFIX_SCALE, SUFFIX_SHAPE, SUFFIX_VALUES, FormatError, SlideSparseConfig, layer_shapes
-from ..pattern import Pattern, shard_packed
-from ..quant import DTYPES
+from ..core.format import (SUFFIX_META, SUFFIX_SCALE, SUFFIX_SHAPE, SUFFIX_VALUES, FormatError, SlideSparseConfig,
+                           layer_shapes)
+from ..core.layout import rank_rows
+from ..core.pattern import Pattern, shard_packed
+from ..core.quant import DTYPES
 
 
 @dataclass
@@ -57,24 +59,18 @@ class LayerShards:
                                                        QKVParallelLinear)
         lay = self.layer
         r, t = self.rank()
-        if isinstance(lay, QKVParallelLinear):
-            q = lay.num_heads * lay.head_size
-            kv = lay.num_kv_heads * lay.head_size
-            v = lay.num_kv_heads * getattr(lay, "v_head_size", lay.head_size)
-            kv_src = r // lay.num_kv_head_replicas
-            return [Shard(self.names[0], lay.total_num_heads * lay.head_size, r * q, q, 0),
-                    Shard(self.names[1], lay.total_num_kv_heads * lay.head_size, kv_src * kv, kv, q),
-                    Shard(self.names[2], lay.total_num_kv_heads * getattr(lay, "v_head_size", lay.head_size),
-                          kv_src * v, v, q + kv)]
-        if isinstance(lay, MergedColumnParallelLinear):
+        if isinstance(lay, (QKVParallelLinear, MergedColumnParallelLinear, ColumnParallelLinear)):
+            # checkpoint projections stacked along N, each split by core.layout's rank rule
+            head = getattr(lay, "head_size", 1)
+            fulls = ([lay.total_num_heads * head, lay.total_num_kv_heads * head, lay.total_num_kv_heads * head]
+                     if isinstance(lay, QKVParallelLinear) else
+                     list(lay.output_sizes) if isinstance(lay, MergedColumnParallelLinear) else [lay.output_size])
             out, dst = [], 0
-            for name, full in zip(self.names, lay.output_sizes):
-                out.append(Shard(name, full, r * (full // t), full // t, dst))
-                dst += full // t
+            for name, full in zip(self.names, fulls):
+                src, rows = rank_rows(name.rpartition(".")[2], full, t, r, head)
+                out.append(Shard(name, full, src, rows, dst))
+                dst += rows
             return out
-        if isinstance(lay, ColumnParallelLinear):
-            local = lay.output_size_per_partition
-            return [Shard(self.names[0], lay.output_size, r * local, local, 0)]
         return [Shard(self.names[0], lay.output_size, 0, lay.output_size, 0)]  # row-parallel, replicated
 
     def index(self, shard_id) -> int:

@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..format import SUFFIX_META, SUFFIX_SCALE, SUFFIX_SHAPE, SUFFIX_VALUES, SlideSparseConfig
+from ..core.checkpoint import dense_weights
+from ..core.format import SUFFIX_META, SUFFIX_SCALE, SUFFIX_SHAPE, SUFFIX_VALUES, SlideSparseConfig
 from ..kernels.reference import linear_ref
 
 _SUFFIXES = (SUFFIX_VALUES, SUFFIX_META, SUFFIX_SCALE, SUFFIX_SHAPE)
@@ -51,10 +52,8 @@ class TorchReference:
     def __init__(self, ckpt: str, dtype: torch.dtype = torch.float32):
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from ..convert import dense_weights
-
         raw = json.load(open(os.path.join(ckpt, "config.json")))["quantization_config"]
-        weights = list(dense_weights(ckpt))  # the converter's own decoding of what it wrote
+        weights = list(dense_weights(ckpt))  # the core's decoding of what the converter wrote
         if raw.get("quant_method") == "compressed-tensors":
             # the dense W8A8 baseline the converter writes: same per-token activation scheme
             act = "int8" if weights[0][1].dtype == torch.int8 else "fp8_e4m3"

@@ -9,83 +9,47 @@ against the whole dense linear of the dtype, interleaved; a bucket where dense w
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
 
-from ..format import SUFFIX_SHAPE, TUNING_FILE, SlideSparseConfig, empty_tuning
-from ..quant import DTYPES
+from ..core.checkpoint import Checkpoint, checkpoint_kind
+from ..core.errors import SlideSparseError
+from ..core.format import SUFFIX_SHAPE, TUNING_FILE, SlideSparseConfig
+from ..core.layout import vllm_layer_shapes
+from ..core.quant import DTYPES
+from ..core.tuning import TuningEntry, TuningTable
 
 M_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
 
 
-class TuneError(ValueError):
+class TuneError(SlideSparseError):
     pass
-
-
-# vLLM fuses these checkpoint projections into one linear layer (its packed_modules_mapping for
-# Llama, Qwen2 and BitNet): the runtime sees, and looks up, the fused N
-FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-         "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
-ROW_PARALLEL = ("o_proj", "down_proj")
-
-
-def runtime_shapes(projections: dict[str, tuple[int, int]], model_config: dict, tp: int = 1) -> list[tuple[int, int]]:
-    """The (N, K) each vLLM linear layer has on one of `tp` ranks, from the checkpoint's
-    per-projection (N, K): q/k/v and gate/up fused along N, column-parallel N split (KV heads
-    replicated when fewer than ranks, as vLLM does), row-parallel (o, down) K split."""
-    heads = int(model_config.get("num_attention_heads", 1))
-    head_dim = int(model_config.get("head_dim") or int(model_config.get("hidden_size", heads)) // heads)
-    fused: dict[tuple[str, str], list[int]] = {}
-    for module, (n, k) in projections.items():
-        parent, _, proj = module.rpartition(".")
-        if proj in ROW_PARALLEL:
-            if k % tp:
-                raise TuneError(f"{module}: K={k} does not split over {tp} ranks")
-            n_local, k_local = n, k // tp
-        elif proj in ("k_proj", "v_proj") and n // head_dim < tp:
-            n_local, k_local = head_dim, k                  # replicated KV head
-        else:
-            if n % tp:
-                raise TuneError(f"{module}: N={n} does not split over {tp} ranks")
-            n_local, k_local = n // tp, k
-        key = (parent, FUSED.get(proj, proj))
-        acc = fused.setdefault(key, [0, k_local])
-        if acc[1] != k_local:
-            raise TuneError(f"{parent}: fused projections disagree on K ({acc[1]} vs {k_local})")
-        acc[0] += n_local
-    return sorted({(n, k) for n, k in fused.values()})
 
 
 def checkpoint_shapes(ckpt: Path, tp: int = 1) -> tuple[SlideSparseConfig, list[tuple[int, int]]]:
     """(config, sorted distinct (N, K) of the layers vLLM builds on one of `tp` ranks)."""
-    from ..convert.errors import ConvertError
-    from ..convert.load import checkpoint_kind
-    from ..convert.reader import Checkpoint
-
     try:
         c = Checkpoint(ckpt)  # validates config.json and every safetensors header
         kind, cfg = checkpoint_kind(c)
-    except ConvertError as e:
+        projections = {name[:-len("." + SUFFIX_SHAPE)]: tuple(int(v) for v in c.get(name).tolist())
+                       for name in c.tensors if name.endswith("." + SUFFIX_SHAPE)}
+        shapes = sorted(set(vllm_layer_shapes(projections, c.config, tp).values())) if projections else []
+    except SlideSparseError as e:
         raise TuneError(str(e)) from None
     if kind != "slidesparse":
         raise TuneError(f"{ckpt} is a dense {kind} checkpoint: nothing to tune")
-    suffix = "." + SUFFIX_SHAPE
-    projections = {name[:-len(suffix)]: tuple(int(v) for v in c.get(name).tolist())
-                   for name in c.tensors if name.endswith(suffix)}
     if not projections:
         raise TuneError(f"{ckpt}: no converted layers ({SUFFIX_SHAPE} tensors) found")
-    return cfg, runtime_shapes(projections, c.config, tp)
+    return cfg, shapes
 
 
-def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds: int = 3) -> list[dict]:
+def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds: int = 3) -> list[TuningEntry]:
     from ..bench.kernel import graph_time_ms, pruned_slid_weight
     from ..kernels import cusparselt as cl
     from ..kernels.dequant import dequant
     from ..kernels.quant_slide import quant_only, quant_slide
-    from ..pattern import unslide
+    from ..core.pattern import unslide
 
     pat, wdt = cfg.pattern, cfg.weight_dtype
     gen = torch.Generator(device="cuda").manual_seed(n * 31 + k)
@@ -122,10 +86,9 @@ def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds
             td.append(graph_time_ms(dense))
         t_s, t_d = sorted(ts)[len(ts) // 2], sorted(td)[len(td) // 2]
         best = "sparse" if t_s <= t_d else "dense"
-        entries.append({"n": n, "k_lifted": pat.lifted_k(k), "dtype": wdt, "m_max": m, "backend": best,
-                        "alg_id": alg, "split_k": 1, "split_k_buffers": None,
-                        "us": round(1000 * min(t_s, t_d), 2), "us_sparse": round(1000 * t_s, 2),
-                        "us_dense": round(1000 * t_d, 2)})
+        entries.append(TuningEntry(n=n, k_lifted=pat.lifted_k(k), dtype=wdt, m_max=m, backend=best, alg_id=alg,
+                                   us=round(1000 * min(t_s, t_d), 2), us_sparse=round(1000 * t_s, 2),
+                                   us_dense=round(1000 * t_d, 2)))
     return entries
 
 
@@ -133,15 +96,13 @@ def tune_checkpoint(ckpt: Path, buckets=M_BUCKETS, progress=None, tp: int = 1) -
     cfg, shapes = checkpoint_shapes(ckpt, tp)
     if not torch.cuda.is_available():
         raise TuneError("tuning needs the CUDA GPU the checkpoint will run on")
-    table = empty_tuning(torch.cuda.get_device_name())
-    table["tensor_parallel_size"] = tp
-    table["library"] = f"cuSPARSELt {torch.backends.cusparselt.version()} (torch {torch.__version__})"
+    entries = []
     for i, (n, k) in enumerate(shapes):
-        table["entries"] += tune_shape(n, k, cfg, buckets)
+        entries += tune_shape(n, k, cfg, buckets)
         if progress:
             progress(i + 1, len(shapes), f"N={n} K={k}")
+    table = TuningTable(device=torch.cuda.get_device_name(), tensor_parallel_size=tp, entries=tuple(entries),
+                        library=f"cuSPARSELt {torch.backends.cusparselt.version()} (torch {torch.__version__})")
     out = ckpt / TUNING_FILE
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(table, indent=1))
-    os.replace(tmp, out)
+    table.save(out)
     return out

@@ -11,8 +11,10 @@ import zlib
 import pytest
 import torch
 
-from slidesparse.pattern import lift, parse_pattern, slide
-from slidesparse.quant import DTYPES, quantize_weight
+from slidesparse.core.pattern import lift, parse_pattern, slide
+from slidesparse.core.quant import DTYPES, quantize_weight
+from slidesparse.core.quant import quantize_rows
+from slidesparse.core.tuning import TuningTable
 from slidesparse.kernels import reference as ref
 
 pytestmark = pytest.mark.gpu
@@ -66,7 +68,7 @@ def test_quant_only_and_lift_only(m, act):
     from slidesparse.kernels.quant_slide import quant_only, quant_slide
     x = _x(m, 3584, 11 + m)
     q, s = quant_only(x, act)
-    qr, sr = ref.quant_ref(x, act)
+    qr, sr = quantize_rows(x, act)
     torch.testing.assert_close(s, sr, rtol=3e-7, atol=0)
     _assert_codes_match(q, qr, act)
     xl, _ = quant_slide(x.half(), "2_8", None, k_align=64)
@@ -200,15 +202,15 @@ def test_sparse_gemm_matches_lifted_product(m, L, act):
         assert _rel(acc[:m, :n], r) < 6e-3
 
 
-def _backend_layer(n, k, sp, wdtype, seed, bias=True):
-    from slidesparse.kernels.cusparselt_backend import CusparseltBackend
-    from slidesparse.runtime.backends import SlidWeight
+def _backend_layer(n, k, sp, wdtype, seed, bias=True, tuning=None):
+    from slidesparse.runtime.cusparselt_backend import CusparseltBackend
+    from slidesparse.runtime.backend import SlidWeight
     q, scale, ws = _layer_weight(n, k, sp, wdtype, seed)
     act = wdtype if wdtype in ("int8", "fp8_e4m3") else None
     sw = SlidWeight(pattern=parse_pattern(sp), in_features=k, out_features=n, weight_dtype=wdtype,
                     act_dtype=act, slid=ws, scale=scale)
     layer = torch.nn.Module()
-    be = CusparseltBackend()
+    be = CusparseltBackend(tuning)
     be.prepare(layer, sw)
     b = (torch.randn(n, device=DEV) * 0.1).to(torch.bfloat16) if bias else None
     return be, layer, q, scale, b, act
@@ -258,21 +260,19 @@ def test_linear_cuda_graph_capture_and_replay(wdtype):
         assert torch.equal(static_out, be.apply(layer, fresh, bias))
 
 
+def _two_buckets(n, k, sp, wdtype, dense_up_to=16):
+    kl = parse_pattern(sp).lifted_k(k)
+    return TuningTable.from_dict({"format_version": 1, "entries": [
+        {"n": n, "k_lifted": kl, "dtype": wdtype, "m_max": dense_up_to, "backend": "dense", "alg_id": 0},
+        {"n": n, "k_lifted": kl, "dtype": wdtype, "m_max": 65536, "backend": "sparse", "alg_id": 0}]})
+
+
 @pytest.mark.parametrize("wdtype", ("int8", "fp8_e4m3"))
 def test_dense_policy_bucket(wdtype):
     """A tuning entry that sends small M to the dense GEMM gives the same layer."""
-    from slidesparse.kernels import cusparselt_backend as cb
     n, k = 3072, 2048
-    table = {"entries": [{"n": n, "k_lifted": parse_pattern("2_8").lifted_k(k), "dtype": wdtype, "m_max": 16,
-                          "backend": "dense", "alg_id": 0},
-                         {"n": n, "k_lifted": parse_pattern("2_8").lifted_k(k), "dtype": wdtype, "m_max": 65536,
-                          "backend": "sparse", "alg_id": 0}]}
-    cb.set_tuning(table)
-    try:
-        be, layer, q, scale, bias, act = _backend_layer(n, k, "2_8", wdtype, 59)
-    finally:
-        cb.set_tuning(None)
-    assert cb._PLANS[layer.ss_layer_id].dense_weight is not None
+    be, layer, q, scale, bias, act = _backend_layer(n, k, "2_8", wdtype, 59, tuning=_two_buckets(n, k, "2_8", wdtype))
+    assert layer.ss_w_dense is not None and layer.ss_w_compressed is not None
     for m in (8, 200):
         x = _x(m, k, 61 + m)
         out = be.apply(layer, x, bias)
@@ -280,23 +280,19 @@ def test_dense_policy_bucket(wdtype):
         assert _rel(out, exact) < 6e-3
 
 
+@pytest.mark.parametrize("mixed", (False, True))
 @pytest.mark.parametrize("wdtype", ("int8", "fp8_e4m3"))
 @pytest.mark.parametrize("L", ("2_4", "2_6", "2_8", "2_inf"))
-def test_compiled_linear_matches_eager(L, wdtype):
-    """Under torch.compile the layer traces as torch-op quantization -> cusparselt_mm -> torch-op
-    dequant (fused by Inductor into its neighbours): same layer as the eager Triton path, at
-    dynamic M, including a dense bucket at small M (x's codes, unit-scale dense GEMM) and the
-    sparse buckets (the codes lifted by lift_codes' Triton pair gather)."""
-    from slidesparse.kernels import cusparselt_backend as cb
+def test_compiled_linear_matches_eager(L, wdtype, mixed):
+    """Under torch.compile the layer traces as torch-op quantization -> slidesparse::sparse_linear_codes
+    (a dense bucket at small M: the dense GEMM with the scales in its epilogue; the sparse buckets:
+    the codes lifted by lift_codes' Triton pair gather, cuSPARSELt, the Triton dequant), or, with
+    every bucket sparse, -> slidesparse::sparse_mm -> torch-op dequant: the same layer as the eager
+    Triton path, at dynamic M."""
     n, k = 3072, 2048
-    kl = parse_pattern(L).lifted_k(k)
-    cb.set_tuning({"entries": [{"n": n, "k_lifted": kl, "dtype": wdtype, "m_max": 16, "backend": "dense", "alg_id": 0},
-                               {"n": n, "k_lifted": kl, "dtype": wdtype, "m_max": 65536, "backend": "sparse",
-                                "alg_id": 0}]})
-    try:
-        be, layer, q, scale, bias, act = _backend_layer(n, k, L, wdtype, 67)
-    finally:
-        cb.set_tuning(None)
+    tuning = _two_buckets(n, k, L, wdtype) if mixed else None
+    be, layer, q, scale, bias, act = _backend_layer(n, k, L, wdtype, 67, tuning=tuning)
+    assert (layer.ss_w_dense is not None) == mixed
     torch._dynamo.reset()
     f = torch.compile(lambda x: be.apply(layer, x, bias), dynamic=True, fullgraph=True)
     for m in (5, 16, 40, 1000):
@@ -320,3 +316,28 @@ def test_triton_int8_gemm(m):
     out = int8_linear(a, w, st, sc, bias, torch.bfloat16)
     r = (a.double() @ w.double().T) * st.double()[:, None] * sc.double()[None, :] + bias.double()
     assert bool(((out.double() - r).abs() <= 2.0 ** -8 * r.abs() + 1e-2).all())
+
+
+def test_two_models_share_no_state_and_free_their_memory():
+    """Two models prepared one after the other in one process (the second without a tuning table)
+    share no plan or tuning state, and the first one's GPU memory goes with its layers."""
+    import gc
+    n, k = 3072, 2048
+    torch.cuda.synchronize()
+    gc.collect()
+    before = torch.cuda.memory_allocated()
+    be1, layer1, *_ = _backend_layer(n, k, "2_8", "int8", 73, tuning=_two_buckets(n, k, "2_8", "int8", 4096))
+    assert layer1.ss_w_dense is not None and layer1.ss_plan[1::4] == [1, 0]
+    be2, layer2, *_ = _backend_layer(n, k, "2_8", "int8", 79)
+    assert layer2.ss_w_dense is None and layer2.ss_plan == [] and be2.tuning is None
+    held = torch.cuda.memory_allocated()
+    dense_bytes = n * k  # the first model's unslid int8 weight alone
+    assert held - before > dense_bytes
+    del be1, layer1, _
+    gc.collect()
+    torch.cuda.synchronize()
+    after_first = torch.cuda.memory_allocated()
+    assert held - after_first >= dense_bytes, "the first model's weights were not released"
+    del be2, layer2
+    gc.collect()
+    assert torch.cuda.memory_allocated() <= before + (1 << 20)

@@ -6,13 +6,15 @@ import json
 import pytest
 import torch
 
-from slidesparse.convert import ConvertError, convert, load_layer, make_model
+from slidesparse.convert import ConvertError, convert, make_model
+from slidesparse.core.checkpoint import load_layer
 from slidesparse.convert.verify import verify
 from slidesparse.convert.writer import Planned, ShardedWriter
-from slidesparse.pattern import parse_pattern
-from slidesparse.quant import quantize_weight
+from slidesparse.core.pattern import parse_pattern
+from slidesparse.core.quant import quantize_weight
 
-from test_convert import bits, modules, read_all, ref_prune
+from helpers import bits, read_all
+from test_pipeline import modules, ref_prune
 
 CT_DTYPE = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 

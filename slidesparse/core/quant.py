@@ -1,4 +1,4 @@
-"""Quantization math shared by the converter, the runtime reference backend and the tests.
+"""Quantization math shared by the converter, the runtime, the kernels' references and the tests.
 
 One definition of each scheme, so that what the converter writes, what the reference backend
 computes and what the GPU kernels are checked against cannot drift apart.
@@ -14,6 +14,8 @@ FP8-E4M3 rounds to nearest even through the dtype cast after clamping to [-448, 
 from __future__ import annotations
 
 import torch
+
+from .errors import SlideSparseError
 
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -32,11 +34,17 @@ ALIASES = {"fp8": "fp8_e4m3", "e4m3": "fp8_e4m3", "float8_e4m3fn": "fp8_e4m3", "
 QUANTIZED = ("fp8_e4m3", "int8")
 
 
+class QuantError(SlideSparseError):
+    """An unknown dtype name."""
+
+
 def dtype_name(name: str) -> str:
-    """Canonical dtype name ('fp8' -> 'fp8_e4m3'); ValueError for unknown names."""
+    """Canonical dtype name ('fp8' -> 'fp8_e4m3'); QuantError for unknown names."""
+    if not isinstance(name, str):
+        raise QuantError(f"dtype must be a name such as fp8 or int8, got {name!r}")
     key = ALIASES.get(name.lower(), name.lower())
     if key not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)} (or fp8)")
+        raise QuantError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)} (or fp8)")
     return key
 
 
@@ -53,7 +61,9 @@ def _to_q(v: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def quantize_rows(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row quantization of [..., K] -> (q [..., K], scale float32 [...])."""
+    """Symmetric per-row quantization of [..., K] -> (q [..., K], scale float32 [...]): weights per
+    output channel and activations per token alike. The one definition: the Triton kernels are
+    tested against it, and the traced GPU layer runs it as torch ops for Inductor to fuse."""
     x32 = x.float()
     amax = x32.abs().amax(-1, keepdim=True).clamp_(min=AMAX_FLOOR)
     q = _to_q(x32 * (qmax(name) / amax), name)
@@ -78,11 +88,6 @@ def quantize_ternary(w: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Te
     s = w32.abs().mean().clamp(min=TERNARY_FLOOR)
     codes = (w32 / s).round().clamp_(-1, 1)
     return codes.to(DTYPES[dtype_name(name)]), torch.full((w.shape[0],), float(s), dtype=torch.float32)
-
-
-def quantize_activations(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token dynamic activation quantization (the reference for the fused GPU kernel)."""
-    return quantize_rows(x, name)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:

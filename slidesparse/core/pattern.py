@@ -30,19 +30,21 @@ low nibble first, windows numbered along the row. -0.0 is stored as +0.0 everywh
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 import torch
 
+from .errors import SlideSparseError
+
 __all__ = [
-    "Pattern", "PatternError", "parse_pattern", "group_nonzeros_ok", "check_groups",
+    "Pattern", "PatternError", "parse_pattern", "grouped", "group_nonzeros_ok", "check_groups",
     "slide", "unslide", "lift", "lift_index", "is_2to4", "pack", "unpack", "shard_packed",
+    "as_bits", "no_negative_zero",
 ]
 
 
-class PatternError(ValueError):
+class PatternError(SlideSparseError):
     """A sparsity spec or a weight that does not fit the requested pattern."""
 
 
@@ -135,8 +137,8 @@ def parse_pattern(spec: str | Pattern) -> Pattern:
 
 # ----------------------------------------------------------------------------- groups
 
-def _grouped(w: torch.Tensor, pat: Pattern) -> torch.Tensor:
-    """[N, K] -> [N, G, group], zero-padded along K."""
+def grouped(w: torch.Tensor, pat: Pattern) -> torch.Tensor:
+    """[N, K] -> [N, G, group], zero-padded along K (a view when K needs no padding)."""
     if w.dim() != 2:
         raise PatternError(f"expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
     n, k = w.shape
@@ -148,7 +150,7 @@ def _grouped(w: torch.Tensor, pat: Pattern) -> torch.Tensor:
 
 def group_nonzeros_ok(w: torch.Tensor, pat: Pattern) -> torch.Tensor:
     """Bool [N, G]: does each group have at least `pat.zeros` zeros?"""
-    g = _grouped(w, pat)
+    g = grouped(w, pat)
     return (g != 0).sum(-1) <= pat.group - pat.zeros
 
 
@@ -201,7 +203,7 @@ def slide(w: torch.Tensor, pat: Pattern | str) -> torch.Tensor:
     has too few zeros; never drops a value.
     """
     pat = parse_pattern(pat)
-    g = _grouped(w, pat)  # [N, G, group]
+    g = grouped(w, pat)  # [N, G, group]
     n, G, L = g.shape
     W = pat.windows
     out = torch.zeros(n, G, W, 4, dtype=w.dtype, device=w.device)
@@ -217,18 +219,18 @@ def slide(w: torch.Tensor, pat: Pattern | str) -> torch.Tensor:
             sel = win[..., 2 * j: 2 * j + 4] == j
             out[..., j, :] = torch.where(sel, g[..., cols], torch.zeros((), dtype=w.dtype, device=w.device))
     out = out.reshape(n, G * 4 * W)
-    return _no_negative_zero(out)
+    return no_negative_zero(out)
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _as_bits(t: torch.Tensor) -> torch.Tensor:
+def as_bits(t: torch.Tensor) -> torch.Tensor:
     """Same-size integer view (moving values by their bits is exact, and works for fp8 on CPU)."""
     return t if not t.is_floating_point() else t.view(_BITS[t.element_size()])
 
 
-def _no_negative_zero(t: torch.Tensor) -> torch.Tensor:
+def no_negative_zero(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         zero = torch.zeros((), dtype=t.dtype, device=t.device)
         return torch.where(t == 0, zero, t)
@@ -249,12 +251,23 @@ def lift_index(k: int, pat: Pattern | str, device=None) -> torch.Tensor:
 
 
 def lift(x: torch.Tensor, pat: Pattern | str) -> torch.Tensor:
-    """Activations [..., K] -> lifted activations [..., K'] (the reference for the fused kernel)."""
+    """Activations [..., K] -> lifted activations [..., K'] (zero-padded to whole groups).
+
+    Window j of a group is its pairs j and j+1, so the lift is views and one cat, no gather:
+    torch.compile turns it into index math inside whatever kernel it fuses it with. Values move by
+    their bits, so it is exact for every dtype (fp8 included)."""
     pat = parse_pattern(pat)
-    k = x.shape[-1]
-    idx = lift_index(k, pat, device=x.device)
-    xp = torch.cat([x, torch.zeros(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)], -1)
-    return xp[..., torch.where(idx >= 0, idx, k)]
+    *lead, k = x.shape
+    g = pat.num_groups(k)
+    bits = as_bits(x)
+    if g * pat.group != k:
+        bits = torch.nn.functional.pad(bits, (0, g * pat.group - k))
+    p = bits.reshape(*lead, g, pat.group // 2, 2)
+    if pat.L is None:                      # 2_inf: a window is [x0, x1, 0, 0]
+        win = torch.cat([p, torch.zeros_like(p)], dim=-1)
+    else:
+        win = torch.cat([p[..., :-1, :], p[..., 1:, :]], dim=-1)
+    return win.reshape(*lead, g * pat.lifted_group).view(x.dtype)
 
 
 def unslide(ws: torch.Tensor, pat: Pattern | str, k: int) -> torch.Tensor:
@@ -277,7 +290,7 @@ def unslide(ws: torch.Tensor, pat: Pattern | str, k: int) -> torch.Tensor:
         count.index_add_(1, idx[valid], (src != 0).to(torch.int32))
         if bool((count > 1).any()):
             raise PatternError("slid weight assigns a value to two windows; not a valid slid form")
-    return _no_negative_zero(out.to(ws.dtype))
+    return no_negative_zero(out.to(ws.dtype))
 
 
 # ----------------------------------------------------------------------------- 2:4 packing
@@ -309,7 +322,7 @@ def pack(ws: torch.Tensor, pat: Pattern | str) -> tuple[torch.Tensor, torch.Tens
     win = ws.reshape(n, -1, 4)
     pos = _window_positions(win != 0)  # [N, nw, 2]
     # gather on the bit pattern: exact for every dtype, and CPU gather has no fp8 kernel
-    bits = _as_bits(_no_negative_zero(win))
+    bits = as_bits(no_negative_zero(win))
     vals = torch.gather(bits, 2, pos).view(ws.dtype).reshape(n, -1)
     nib = (pos[..., 0] | (pos[..., 1] << 2)).to(torch.uint8)  # [N, nw]
     if nib.shape[1] % 2:
@@ -334,7 +347,7 @@ def unpack(values: torch.Tensor, meta: torch.Tensor, pat: Pattern | str | None =
     i0, i1 = nib & 3, nib >> 2
     if bool((i0 >= i1).any()):
         raise PatternError("corrupt 2:4 metadata: kept positions must be strictly ascending")
-    vbits = _as_bits(values)
+    vbits = as_bits(values)
     out = torch.zeros(n, nw, 4, dtype=vbits.dtype, device=values.device)
     out.scatter_(2, torch.stack([i0, i1], -1), vbits.reshape(n, nw, 2))
     return out.view(values.dtype).reshape(n, nw * 4)
@@ -371,25 +384,3 @@ def shard_packed(values: torch.Tensor, meta: torch.Tensor, pat: Pattern | str, k
         m = nib[:, 0::2] | (nib[:, 1::2] << 4)
     return v.contiguous(), m.contiguous()
 
-
-def describe(pat: Pattern | str) -> str:
-    pat = parse_pattern(pat)
-    return (f"{pat.name} ({pat.paper_name}): groups of {pat.group}, {pat.windows} window(s) of 4 per group, "
-            f"gamma={pat.gamma:.4g}, density of stored values {pat.kept_group / pat.group:.4g}")
-
-
-def _selfcheck() -> None:  # pragma: no cover - handy from a REPL
-    torch.manual_seed(0)
-    for L in (4, 6, 8, 10, 12, 16, None):
-        pat = parse_pattern("2_inf" if L is None else f"2_{L}")
-        w = torch.randn(8, 3 * pat.group + 1, dtype=torch.float64)
-        if L is not None:
-            g = _grouped(w, pat)
-            drop = torch.rand_like(g).argsort(-1)[..., :2]
-            g.scatter_(-1, drop, 0.0)
-            w = g.reshape(8, -1)[:, : w.shape[1]]
-        ws = slide(w, pat)
-        assert is_2to4(ws)
-        x = torch.randn(5, w.shape[1], dtype=torch.float64)
-        assert torch.equal(unslide(ws, pat, w.shape[1]), w)
-        assert math.isclose(float((lift(x, pat) @ ws.T - x @ w.T).abs().max()), 0.0, abs_tol=1e-12)

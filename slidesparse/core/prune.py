@@ -16,15 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..pattern import Pattern, parse_pattern
-
-
-def _grouped(t: torch.Tensor, pat: Pattern) -> torch.Tensor:
-    n, k = t.shape
-    pad = pat.padded_k(k) - k
-    if pad:
-        t = torch.nn.functional.pad(t, (0, pad))
-    return t.reshape(n, -1, pat.group)
+from .pattern import Pattern, grouped, parse_pattern
 
 
 def prune_mask(key: torch.Tensor, pat: Pattern | str) -> torch.Tensor:
@@ -36,7 +28,7 @@ def prune_mask(key: torch.Tensor, pat: Pattern | str) -> torch.Tensor:
     n, k = key.shape
     if pat.zeros == 0:
         return torch.ones(n, k, dtype=torch.bool, device=key.device)
-    g = _grouped(key, pat).clone()
+    g = grouped(key, pat).clone()
     # padding is zero already (pad value 0), so it is picked first, as the rule says
     big = torch.iinfo(g.dtype).max if not g.is_floating_point() else float("inf")
     pos = torch.arange(pat.group, device=key.device)
@@ -64,12 +56,12 @@ def prune_magnitude(w: torch.Tensor, pat: Pattern | str) -> torch.Tensor:
     if pat.zeros == 0:
         return w.clone()
     idt, mag = _MAGNITUDE[w.element_size()]
-    g = _grouped(w, pat)
+    g = grouped(w, pat)
     g = g.clone() if g.data_ptr() == w.data_ptr() else g  # never modify the caller's tensor
     bits = g.view(idt)
     key = bits & mag  # fresh tensor
     top = torch.iinfo(idt).max
-    pos = torch.arange(pat.group)
+    pos = torch.arange(pat.group, device=w.device)
     drop = None
     for _ in range(pat.zeros):
         # first minimum: the lower index wins ties. (Broadcast compares + masked_fill: several

@@ -3,44 +3,21 @@ references: a stable-sort pruning reference written here, quant.quantize_weight 
 definition of the weight scheme), and safetensors' own reader for the output files."""
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from slidesparse.convert import convert, dense_weights, load_layer, make_model
-from slidesparse.convert.verify import VerifyError, verify
-from slidesparse.format import TUNING_FILE, SlideSparseConfig, empty_tuning, layer_shapes
-from slidesparse.pattern import is_2to4, parse_pattern, unpack
-from slidesparse.quant import quantize_ternary, quantize_weight
+from slidesparse.convert import convert, make_model
+from slidesparse.core.checkpoint import dense_weights, load_layer
+from slidesparse.convert.verify import verify
+from slidesparse.core.format import TUNING_FILE, SlideSparseConfig, layer_shapes
+from slidesparse.core.tuning import TuningTable
+from slidesparse.core.pattern import is_2to4, parse_pattern, unpack
+from slidesparse.core.quant import quantize_ternary, quantize_weight
+from helpers import bits, read_all
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """preset -> directory of a freshly generated tiny model."""
-    root = tmp_path_factory.mktemp("tiny")
-    out = {}
-    for p in ("tiny-llama", "tiny-qwen2", "tiny-bitnet"):
-        make_model(p, root / p, seed=11)
-        out[p] = root / p
-    return out
-
-
-def read_all(d):
-    """Every tensor of a safetensors checkpoint directory, through safetensors itself."""
-    t = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                t[k] = h.get_tensor(k)
-    return t
-
-
-def bits(t):
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def ref_prune(key: torch.Tensor, L: int) -> torch.Tensor:
@@ -86,7 +63,7 @@ def test_convert_tiny_models(tiny, tmp_path, preset, sparsity, dtype):
     assert qc.weight_scheme == ("ternary_absmean" if bitnet else "per_channel_symmetric" if qc.quantized else "none")
     assert (qc.activation_scheme == "per_token_dynamic") == qc.quantized
     assert {k: v for k, v in cfg.items() if k != "quantization_config"} == cfg_src
-    assert json.loads((dst / TUNING_FILE).read_text()) == empty_tuning()
+    assert TuningTable.load(dst / TUNING_FILE) == TuningTable()  # empty until `slidesparse tune`
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (dst / f).read_bytes() == (src / f).read_bytes()
     index = json.loads((dst / "model.safetensors.index.json").read_text())
@@ -137,35 +114,13 @@ def test_convert_tiny_models(tiny, tmp_path, preset, sparsity, dtype):
 
 def test_bitnet_pruning_uses_ternary_zeros_first(tmp_path):
     # a hand-made case: codes of one group and the master weights that decide among the +-1s
-    from slidesparse.convert.prune import prune_codes
+    from slidesparse.core.prune import prune_codes
     codes = torch.tensor([[1, 0, -1, 1, 1, -1, 1, 1]], dtype=torch.int8)
     master = torch.tensor([[0.5, 0.01, -0.2, 0.3, 0.1, -0.1, 0.4, 0.9]])
     # one ternary zero (pos 1), then the smallest |master| among +-1: 0.1 at pos 4 and 5 -> pos 4
     assert prune_codes(codes, "2_8", master=master).tolist() == [[1, 0, -1, 1, 0, -1, 1, 1]]
     # without master weights the tie-break is the lower index
     assert prune_codes(codes, "2_8").tolist() == [[0, 0, -1, 1, 1, -1, 1, 1]]
-
-
-def test_magnitude_pruning_rule():
-    from slidesparse.convert.prune import prune_magnitude
-    # ties: the lower column index goes first
-    w = torch.ones(1, 8, dtype=torch.bfloat16)
-    assert prune_magnitude(w, "2_8").tolist() == [[0, 0, 1, 1, 1, 1, 1, 1]]
-    # a group with >= 2 zeros (here -0.0 and 0) is left as it is
-    w = torch.tensor([[0.5, -0.0, 0.3, 0.0, 0.001, 0.2, 0.1, 0.4]])
-    assert torch.equal(prune_magnitude(w, "2_8"), w)
-    # one zero: it and the next smallest go
-    w = torch.tensor([[0.5, -0.3, 0.0, 0.7, -0.01, 0.2, 0.1, 0.4]])
-    assert torch.equal(prune_magnitude(w, "2_8"), torch.tensor([[0.5, -0.3, 0.0, 0.7, 0.0, 0.2, 0.1, 0.4]]))
-    # padding counts: K=10 with L=8 -> the second group has 2 real values and 6 padding zeros
-    w = torch.arange(1, 11, dtype=torch.float32).reshape(1, 10)
-    assert prune_magnitude(w, "2_8")[0, 8:].tolist() == [9.0, 10.0]
-    # already Z_L weights (random) pass unchanged; the input tensor is never modified
-    g = torch.Generator().manual_seed(3)
-    w = torch.randn(16, 40, generator=g).to(torch.bfloat16)
-    once = prune_magnitude(w, "2_10")
-    keep = w.clone()
-    assert torch.equal(prune_magnitude(once, "2_10"), once) and torch.equal(w, keep)
 
 
 def test_ignore_patterns(tiny, tmp_path):
@@ -201,50 +156,3 @@ def test_sharded_input_and_output(tiny, tmp_path):
     for name, f in wm.items():
         with safe_open(str(dst / f), framework="pt") as h:
             assert name in h.keys()
-
-
-def test_verify_catches_corruption(tiny, tmp_path):
-    src = tiny["tiny-llama"]
-    good = tmp_path / "good"
-    convert(src, good, sparsity="2_8", dtype="int8")
-    name = "model.layers.1.mlp.down_proj"
-
-    def corrupt(tensor, fn):
-        d = tmp_path / f"bad-{tensor}-{fn.__name__}"
-        shutil.copytree(good, d)
-        t = read_all(d)
-        f = d / json.loads((d / "model.safetensors.index.json").read_text())["weight_map"][tensor]
-        raw = bytearray(f.read_bytes())
-        n = int.from_bytes(raw[:8], "little")
-        hdr = json.loads(raw[8:8 + n])
-        b0, b1 = hdr[tensor]["data_offsets"]
-        new = fn(t[tensor].clone()).contiguous().view(torch.uint8).numpy().tobytes()
-        assert len(new) == b1 - b0
-        raw[8 + n + b0: 8 + n + b1] = new
-        f.write_bytes(bytes(raw))
-        return d
-
-    def bump_value(v):  # change one stored non-zero value: only the source can tell
-        i = (v != 0).nonzero()[0]
-        v[i[0], i[1]] = v[i[0], i[1]] // 2 + 1 if v[i[0], i[1]] != 1 else 3
-        return v
-
-    def swap_positions(m):  # positions (1, 0): not ascending
-        m[3, 2] = 0x01 | (m[3, 2] & 0xF0)
-        return m
-
-    def shift_positions(m):  # ascending but different positions: breaks the canonical form or Z_L
-        m[0, :] = torch.where(m[0] & 0xF == 0b0100, torch.full_like(m[0], 0b1000) | (m[0] & 0xF0), m[0] ^ 0x0F)
-        return m
-
-    verify(good, source=src)
-    d = corrupt(f"{name}.weight_packed", bump_value)
-    verify(d)  # still a valid 2:4 / Z_L layer...
-    with pytest.raises(VerifyError, match=name):
-        verify(d, source=src)  # ...but not the source's
-    for fn in (swap_positions, shift_positions):
-        with pytest.raises(VerifyError, match=name):
-            verify(corrupt(f"{name}.weight_meta", fn))
-    d = corrupt(f"{name}.weight_scale", lambda s: s * 2)
-    with pytest.raises(VerifyError, match=name):
-        verify(d, source=src)

@@ -17,28 +17,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import SlideSparseError
 from .pattern import Pattern, PatternError, parse_pattern
-from .quant import QUANTIZED, dtype_name
+from .quant import QUANTIZED, QuantError, dtype_name
 
 QUANT_METHOD = "slidesparse"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 TUNING_FILE = "slidesparse_tuning.json"
-TUNING_VERSION = 1
 
 SUFFIX_VALUES = "weight_packed"
 SUFFIX_META = "weight_meta"
 SUFFIX_SCALE = "weight_scale"
 SUFFIX_SHAPE = "weight_shape"
 
-# projections SlideSparse converts, by their module name in Llama / Qwen2 / BitNet checkpoints
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 WEIGHT_SCHEMES = ("per_channel_symmetric", "ternary_absmean", "none")
 ACTIVATION_SCHEMES = ("per_token_dynamic", "none")
 
 
-class FormatError(ValueError):
+class FormatError(SlideSparseError):
     """A checkpoint whose SlideSparse metadata is missing, inconsistent or of another version."""
 
 
@@ -103,7 +100,7 @@ class SlideSparseConfig:
             wd = dtype_name(d["weight_dtype"])
             ad = d.get("activation_dtype")
             ad = dtype_name(ad) if ad else None
-        except (KeyError, ValueError) as e:
+        except (KeyError, QuantError) as e:
             raise FormatError(f"quantization_config: {e}") from None
         ws, as_ = d.get("weight_scheme", "none"), d.get("activation_scheme", "none")
         if ws not in WEIGHT_SCHEMES or as_ not in ACTIVATION_SCHEMES:
@@ -124,12 +121,3 @@ def layer_shapes(n: int, k: int, cfg: SlideSparseConfig) -> dict[str, tuple[int,
         shapes[SUFFIX_SCALE] = (n,)
     return shapes
 
-
-def empty_tuning(device: str | None = None) -> dict:
-    """The tuning-metadata file (slidesparse_tuning.json) before `slidesparse tune` fills it.
-
-    entries: one per (N, K', dtype, M bucket): {"n", "k_lifted", "dtype", "m_max", "backend":
-    "sparse" | "dense", "alg_id", "split_k", "split_k_buffers", "us"}; looked up by the runtime
-    with the smallest m_max >= M (the last bucket covers larger M).
-    """
-    return {"format_version": TUNING_VERSION, "device": device, "library": None, "entries": []}

@@ -1,0 +1,149 @@
+"""The tuning table (slidesparse_tuning.json): what the GPU runtime runs for each layer shape and M.
+
+`slidesparse tune` measures, per vLLM linear layer shape (N, K' = lifted K, weight dtype) and per
+M bucket, the sparse path against the dense one on the GPU the checkpoint will serve on, and
+writes one entry per bucket. The runtime picks, for a call with M rows, the entry with the
+smallest m_max >= M (the last bucket also covers larger M). A checkpoint without entries runs the
+sparse path with cuSPARSELt's default algorithm everywhere.
+
+    backend "sparse"  the lifted 2:4 GEMM (cuSPARSELt) with algorithm alg_id and split_k
+            "dense"   the dense GEMM of the dtype on the unslid weight (then kept in memory too)
+
+The table is validated once, when it is read: a bad file fails with one line naming the entry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+from .errors import SlideSparseError
+from .io import atomic_write
+from .quant import DTYPES
+
+TUNING_VERSION = 1
+BACKENDS = ("sparse", "dense")
+MAX_ALG_ID = 255          # cuSPARSELt 0.8 has a few tens of configurations per problem
+MAX_SPLIT_K = 64
+MAX_M = 1 << 24
+_MEASURED = ("us", "us_sparse", "us_dense")
+_LEGACY = ("split_k_buffers",)  # written by the first tuner, always null; read and dropped
+
+
+class TuningError(SlideSparseError):
+    """A tuning file that is unreadable or holds values the runtime cannot use."""
+
+
+def _int(d: dict, key: str, lo: int, hi: int, where: str, default=None) -> int:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise TuningError(f"{where}: {key!r} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class TuningEntry:
+    n: int
+    k_lifted: int
+    dtype: str
+    m_max: int
+    backend: str
+    alg_id: int = 0
+    split_k: int = 1
+    us: float | None = None          # measured time of what was chosen (microseconds)
+    us_sparse: float | None = None
+    us_dense: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "TuningEntry":
+        if not isinstance(d, dict):
+            raise TuningError(f"{where} is not an object")
+        known = {f for f in cls.__dataclass_fields__} | set(_LEGACY)
+        if unknown := sorted(set(d) - known):
+            raise TuningError(f"{where}: unknown key {unknown[0]!r}")
+        dtype = d.get("dtype")
+        if dtype not in DTYPES:
+            raise TuningError(f"{where}: 'dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        backend = d.get("backend")
+        if backend not in BACKENDS:
+            raise TuningError(f"{where}: 'backend' must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        measured = {}
+        for key in _MEASURED:
+            v = d.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not math.isfinite(v) or v < 0):
+                raise TuningError(f"{where}: {key!r} must be a non-negative number or null, got {v!r}")
+            measured[key] = None if v is None else float(v)
+        return cls(n=_int(d, "n", 1, MAX_M, where), k_lifted=_int(d, "k_lifted", 1, MAX_M, where), dtype=dtype,
+                   m_max=_int(d, "m_max", 1, MAX_M, where), backend=backend,
+                   alg_id=_int(d, "alg_id", 0, MAX_ALG_ID, where, 0),
+                   split_k=_int(d, "split_k", 1, MAX_SPLIT_K, where, 1), **measured)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in _MEASURED}
+
+
+@dataclass(frozen=True)
+class TuningTable:
+    device: str | None = None                 # torch.cuda.get_device_name() of the tuning GPU
+    library: str | None = None                # e.g. "cuSPARSELt 800 (torch 2.11.0+cu130)"
+    tensor_parallel_size: int = 1
+    entries: tuple[TuningEntry, ...] = ()
+    version: int = TUNING_VERSION
+    _by_shape: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        by_shape: dict[tuple, list[TuningEntry]] = {}
+        for e in self.entries:
+            by_shape.setdefault((e.n, e.k_lifted, e.dtype), []).append(e)
+        for key, rows in by_shape.items():
+            rows.sort(key=lambda e: e.m_max)
+            bounds = [e.m_max for e in rows]
+            if len(set(bounds)) != len(bounds):
+                raise TuningError(f"tuning table: two entries for N={key[0]} K'={key[1]} {key[2]} "
+                                  f"with the same m_max")
+        object.__setattr__(self, "entries", tuple(self.entries))
+        object.__setattr__(self, "_by_shape", {k: tuple(v) for k, v in by_shape.items()})
+
+    def buckets(self, n: int, k_lifted: int, dtype: str) -> tuple[TuningEntry, ...]:
+        """One layer shape's entries, ascending m_max (empty if the shape was not tuned)."""
+        return self._by_shape.get((n, k_lifted, dtype), ())
+
+    @classmethod
+    def from_dict(cls, d, where: str = "tuning file") -> "TuningTable":
+        if not isinstance(d, dict):
+            raise TuningError(f"{where} is not a JSON object")
+        version = d.get("format_version")
+        if version != TUNING_VERSION:
+            raise TuningError(f"{where}: format_version {version!r} is not supported (this slidesparse reads "
+                              f"{TUNING_VERSION}); re-run `slidesparse tune`")
+        for key in ("device", "library"):
+            if d.get(key) is not None and not isinstance(d[key], str):
+                raise TuningError(f"{where}: {key!r} must be a string or null")
+        tp = _int(d, "tensor_parallel_size", 1, 1024, where, 1)
+        rows = d.get("entries")
+        if not isinstance(rows, list):
+            raise TuningError(f"{where} has no 'entries' list")
+        entries = tuple(TuningEntry.from_dict(e, f"{where}: entry {i}") for i, e in enumerate(rows))
+        try:
+            return cls(device=d.get("device"), library=d.get("library"), tensor_parallel_size=tp, entries=entries)
+        except TuningError as e:
+            raise TuningError(f"{where}: {e}") from None
+
+    def to_dict(self) -> dict:
+        return {"format_version": self.version, "device": self.device, "library": self.library,
+                "tensor_parallel_size": self.tensor_parallel_size, "entries": [e.to_dict() for e in self.entries]}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TuningTable":
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TuningError(f"cannot read tuning file {path}: {e}") from None
+        return cls.from_dict(d, f"tuning file {path}")
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n")

@@ -1,0 +1,167 @@
+"""The SlideSparse linear on the GPU: pure functions of their arguments, and the custom ops vLLM's
+graphs call (torch.library: opaque to torch.compile, with fake implementations, safe under
+CUDA-graph capture: no host sync, allocations only from torch's caching allocator).
+
+A layer's GEMM choice is its bucket plan, a flat int list of (m_max, kind, alg_id, split_k)
+quadruples in ascending m_max: a call with M rows runs the first bucket with m_max >= M (the last
+one also covers larger M); an empty plan runs the sparse GEMM with algorithm 0 everywhere.
+kind SPARSE is the lifted 2:4 GEMM (cuSPARSELt), DENSE the dense GEMM of the dtype with the
+scales in its epilogue (kernels/dense.py) on the unslid weight.
+
+    slidesparse::sparse_linear(x, ...)            eager: one op for the whole layer
+    slidesparse::sparse_mm(codes, ...)            traced, every bucket sparse: lift + GEMM -> unscaled
+                                                  accumulator; the caller's dequant, written in torch
+                                                  ops, is fused by Inductor into the consumer
+    slidesparse::sparse_linear_codes(codes, ...)  traced, some bucket dense: codes and token scales in,
+                                                  the finished output out (a dense bucket's scales sit
+                                                  in the CUTLASS epilogue; a sparse bucket dequantizes
+                                                  in a pass of its own)
+
+In the traced forms the caller quantizes x in torch ops in x's shape (core.quant.quantize_rows),
+which Inductor fuses into the op that produced x, as it does for vLLM's own per-token quantization.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.pattern import Pattern, parse_pattern
+from ..core.quant import DTYPES
+
+SPARSE, DENSE = 0, 1
+KINDS = {"sparse": SPARSE, "dense": DENSE}
+
+__all__ = ["SPARSE", "DENSE", "KINDS", "choose", "plan_kinds", "linear_eager", "mm_lifted",
+           "linear_from_codes", "acc_dtype"]
+
+
+def choose(plan: list[int], m: int) -> tuple[int, int, int]:
+    """(kind, alg_id, split_k) of the bucket that serves M rows."""
+    if not plan:
+        return SPARSE, 0, 1
+    last = len(plan) - 4
+    for i in range(0, last, 4):
+        if m <= plan[i]:
+            return plan[i + 1], plan[i + 2], plan[i + 3]
+    return plan[last + 1], plan[last + 2], plan[last + 3]
+
+
+def plan_kinds(plan: list[int]) -> set[int]:
+    return {SPARSE} if not plan else set(plan[1::4])
+
+
+def acc_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    from . import cusparselt as cl
+    return cl.acc_dtype_for(weight_dtype)
+
+
+def _pattern(sparsity: str) -> Pattern:
+    return parse_pattern(sparsity)
+
+
+def linear_eager(x: torch.Tensor, w_compressed: torch.Tensor | None, w_scale: torch.Tensor | None,
+                 bias: torch.Tensor | None, w_dense: torch.Tensor | None, n: int, sparsity: str,
+                 act_dtype: str, plan: list[int]) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x.dtype: the Triton quant+slide, the cuSPARSELt GEMM and the Triton
+    dequant+bias for a sparse bucket; quantization and the dense GEMM for a dense one."""
+    from . import cusparselt as cl
+    from .dense import dense_scaled_mm
+    from .dequant import dequant
+    from .quant_slide import quant_only, quant_slide
+
+    pat = _pattern(sparsity)
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    kind, alg, split_k = choose(plan, m)
+    if kind == DENSE:
+        if not act_dtype:
+            out = torch.nn.functional.linear(x2.to(w_dense.dtype), w_dense,
+                                             None if bias is None else bias.to(w_dense.dtype))
+        else:
+            q, s = quant_only(x2, act_dtype)
+            out = dense_scaled_mm(q, w_dense, s, w_scale, bias, x.dtype)
+    elif not act_dtype:
+        wdt = w_compressed.dtype if w_compressed.dtype in (torch.bfloat16, torch.float16) else x.dtype
+        xq, _ = quant_slide(x2, pat, None, k_align=cl.K_ALIGN, m_align=cl.M_ALIGN, out_dtype=wdt)
+        acc = cl.sparse_mm(w_compressed, xq, None, alg_id=alg, split_k=split_k, n=cl.padded_n(n))
+        out = acc[:m, :n]
+        out = out + bias.to(out.dtype) if bias is not None else out.contiguous()
+    else:
+        xq, s_tok = quant_slide(x2, pat, act_dtype, k_align=cl.K_ALIGN, m_align=cl.M_ALIGN)
+        acc = cl.sparse_mm(w_compressed, xq, cl.acc_dtype_for(DTYPES[act_dtype]), alg_id=alg, split_k=split_k,
+                           n=cl.padded_n(n))
+        out = dequant(acc, s_tok, w_scale, bias, x.dtype, m=m, n=n)
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def mm_lifted(codes: torch.Tensor, w_compressed: torch.Tensor, n: int, sparsity: str, alg: int,
+              split_k: int) -> torch.Tensor:
+    """codes [M, K] (1-byte, in x's shape) -> unscaled accumulator [M, N_pad] (bf16): lift the codes
+    and pad M to the GEMM's alignment (lift_codes; 2_4 only pads, and only an unaligned M), then
+    the cuSPARSELt GEMM."""
+    from . import cusparselt as cl
+    from .quant_slide import lift_codes
+    m = codes.shape[0]
+    x_lifted = lift_codes(codes, _pattern(sparsity), cl.K_ALIGN, cl.M_ALIGN,
+                          impl="triton" if codes.is_cuda else "torch")
+    acc = cl.sparse_mm(w_compressed, x_lifted, cl.acc_dtype_for(codes.dtype), alg_id=alg, split_k=split_k,
+                       n=cl.padded_n(n))
+    return acc[:m]
+
+
+def linear_from_codes(codes: torch.Tensor, s_tok: torch.Tensor, w_compressed: torch.Tensor | None,
+                      w_scale: torch.Tensor, bias: torch.Tensor | None, w_dense: torch.Tensor | None, n: int,
+                      sparsity: str, plan: list[int], out_dtype: torch.dtype) -> torch.Tensor:
+    """codes [M, K], s_tok [M] -> the finished output [M, N] in out_dtype."""
+    from .dense import dense_scaled_mm
+    from .dequant import dequant
+    m = codes.shape[0]
+    kind, alg, split_k = choose(plan, m)
+    if kind == DENSE:
+        return dense_scaled_mm(codes, w_dense, s_tok, w_scale, bias, out_dtype)
+    acc = mm_lifted(codes, w_compressed, n, sparsity, alg, split_k)
+    return dequant(acc, s_tok, w_scale, bias, out_dtype, m=m, n=n, impl="triton" if codes.is_cuda else "torch")
+
+
+# ----------------------------------------------------------------------------- the custom ops
+
+@torch.library.custom_op("slidesparse::sparse_linear", mutates_args=())
+def sparse_linear(x: torch.Tensor, w_compressed: torch.Tensor | None, w_scale: torch.Tensor | None,
+                  bias: torch.Tensor | None, w_dense: torch.Tensor | None, n: int, sparsity: str,
+                  act_dtype: str, plan: list[int]) -> torch.Tensor:
+    return linear_eager(x, w_compressed, w_scale, bias, w_dense, n, sparsity, act_dtype, plan)
+
+
+@sparse_linear.register_fake
+def _(x, w_compressed, w_scale, bias, w_dense, n, sparsity, act_dtype, plan):
+    return x.new_empty(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("slidesparse::sparse_mm", mutates_args=())
+def sparse_mm(codes: torch.Tensor, w_compressed: torch.Tensor, n: int, sparsity: str,
+              plan: list[int]) -> torch.Tensor:
+    kind, alg, split_k = choose(plan, codes.shape[0])
+    if kind != SPARSE:
+        raise RuntimeError("slidesparse::sparse_mm serves layers whose every bucket is sparse")
+    return mm_lifted(codes, w_compressed, n, sparsity, alg, split_k)
+
+
+@sparse_mm.register_fake
+def _(codes, w_compressed, n, sparsity, plan):
+    from . import cusparselt as cl
+    return codes.new_empty(codes.shape[0], cl.padded_n(n), dtype=cl.acc_dtype_for(codes.dtype))
+
+
+@torch.library.custom_op("slidesparse::sparse_linear_codes", mutates_args=())
+def sparse_linear_codes(codes: torch.Tensor, s_tok: torch.Tensor, w_compressed: torch.Tensor | None,
+                        w_scale: torch.Tensor, bias: torch.Tensor | None, w_dense: torch.Tensor | None, n: int,
+                        sparsity: str, plan: list[int], out_dtype: torch.dtype) -> torch.Tensor:
+    return linear_from_codes(codes, s_tok, w_compressed, w_scale, bias, w_dense, n, sparsity, plan, out_dtype)
+
+
+@sparse_linear_codes.register_fake
+def _(codes, s_tok, w_compressed, w_scale, bias, w_dense, n, sparsity, plan, out_dtype):
+    return codes.new_empty(codes.shape[0], n, dtype=out_dtype)

@@ -1,0 +1,145 @@
+"""The `cusparselt` backend: the GPU linear of kernels/sparse_linear.py, prepared once per layer.
+
+prepare() (once, at load) turns the layer's slid weight into what its buckets need: the
+cuSPARSELt-compressed 2:4 weight when some bucket is sparse, the unslid weight when some bucket
+is dense (the tuning table decides, per layer shape and M bucket; a layer the table does not know
+runs the sparse GEMM everywhere), the per-channel scale, and the bucket plan. All of it is kept on
+the layer: buffers for the tensors, plain attributes for the plan, which the custom ops receive as
+arguments. Nothing is kept anywhere else, so a model's memory goes with its layers.
+
+apply() picks the form by mode:
+  eager (and BF16/FP16 weights)   slidesparse::sparse_linear: one op, Triton quant+slide fused
+  traced by torch.compile         per-token quantization in torch ops, in x's shape, then
+      every bucket sparse         slidesparse::sparse_mm and the dequant in torch ops, which
+                                  Inductor fuses into the op that consumes the output
+      some bucket dense           slidesparse::sparse_linear_codes, whose dense buckets run the
+                                  dense GEMM with the scales in its epilogue (docs/performance.md)
+
+This module imports without CUDA or Triton (kernels are imported on first use): runtime.backends
+imports it on every machine.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..core.pattern import unslide
+from ..core.quant import DTYPES, quantize_rows
+from ..core.tuning import TuningTable
+from ..kernels import sparse_linear as sl
+from ..kernels.reference import dequant_ref
+from .backend import Backend, BackendError, SlidWeight
+
+
+def bucket_plan(table: TuningTable | None, n: int, k_lifted: int, dtype: str) -> list[int]:
+    """The flat (m_max, kind, alg_id, split_k) plan of one layer shape (kernels/sparse_linear.py)."""
+    plan: list[int] = []
+    for e in (table.buckets(n, k_lifted, dtype) if table is not None else ()):
+        plan += [e.m_max, sl.KINDS[e.backend], e.alg_id, e.split_k]
+    return plan
+
+
+def _check_algs(plan: list[int], wc: torch.Tensor, n: int, k_lifted: int, act_dtype: str | None,
+                weight_dtype: torch.dtype) -> list[int]:
+    """Run each tuned alg id once at load (cuSPARSELt rejects ids out of range for a problem): a
+    bad id found now falls back to the default, with a warning, instead of failing mid-serving."""
+    from ..kernels import cusparselt as cl
+    kq = -(-k_lifted // cl.K_ALIGN) * cl.K_ALIGN
+    dt = weight_dtype if act_dtype is None else DTYPES[act_dtype]
+    probe = torch.zeros(cl.M_ALIGN, kq, dtype=torch.int8, device=wc.device).view(dt) if dt.itemsize == 1 \
+        else torch.zeros(cl.M_ALIGN, kq, dtype=dt, device=wc.device)
+    out_dt = cl.acc_dtype_for(dt) if act_dtype is not None else None
+    plan = list(plan)
+    for i in range(0, len(plan), 4):
+        kind, alg, split_k = plan[i + 1: i + 4]
+        if kind != sl.SPARSE or (alg == 0 and split_k == 1):
+            continue
+        try:
+            cl.sparse_mm(wc, probe, out_dt, alg_id=alg, split_k=split_k, n=cl.padded_n(n))
+        except RuntimeError as e:
+            warnings.warn(f"slidesparse: tuned cuSPARSELt alg {alg} (split_k {split_k}) does not run for "
+                          f"N={n} K'={k_lifted}: {str(e).splitlines()[0]}; using the default")
+            plan[i + 2: i + 4] = [0, 1]
+    return plan
+
+
+def _prewarm_triton_int8(plan: list[int], w_dense: torch.Tensor, scale: torch.Tensor) -> None:
+    """The Triton INT8 GEMM (the dense stand-in where vLLM's CUTLASS kernel is not importable)
+    autotunes per M bucket on first use, which synchronises: do it now, for every M a dense
+    bucket can reach, so nothing tunes inside a CUDA-graph capture."""
+    from ..kernels.int8_gemm import int8_linear
+    top = max(plan[i] for i in range(0, len(plan), 4) if plan[i + 1] == sl.DENSE)
+    k = w_dense.shape[1]
+    ones = torch.ones(top, dtype=torch.float32, device=w_dense.device)
+    m = 16
+    while True:
+        int8_linear(torch.zeros(min(m, top), k, dtype=torch.int8, device=w_dense.device), w_dense, ones, scale,
+                    None, torch.bfloat16)
+        if m >= top:
+            break
+        m *= 2
+
+
+class CusparseltBackend(Backend):
+    name = "cusparselt"
+
+    def __init__(self, tuning: TuningTable | None = None):
+        self.tuning = tuning
+        self._warned: set[tuple[int, int]] = set()   # untuned shapes already warned about, per model
+
+    def prepare(self, layer: torch.nn.Module, w: SlidWeight) -> None:
+        from ..kernels import cusparselt as cl
+        from ..kernels.dense import dense_kernel
+
+        if not w.slid.is_cuda:
+            raise BackendError("the cusparselt backend needs the layer's weights on a CUDA device")
+        n, k = w.out_features, w.in_features
+        k_lifted = w.pattern.lifted_k(k)
+        if tuple(w.slid.shape) != (n, k_lifted):
+            raise BackendError(f"slid weight has shape {tuple(w.slid.shape)}, expected ({n}, {k_lifted}) for "
+                               f"K={k} and {w.pattern.name}")
+        plan = bucket_plan(self.tuning, n, k_lifted, w.weight_dtype)
+        if self.tuning is not None and not plan and (n, k_lifted) not in self._warned:
+            self._warned.add((n, k_lifted))
+            warnings.warn(f"slidesparse: the tuning file has no entry for N={n} K'={k_lifted} ({w.weight_dtype}); "
+                          f"this layer runs cuSPARSELt's default algorithm at every M. Re-run "
+                          f"`slidesparse tune CKPT --tp T` with the tensor-parallel size you serve with")
+        kinds = sl.plan_kinds(plan)
+        scale = w.scale.to(device=w.slid.device, dtype=torch.float32).contiguous() if w.scale is not None else None
+        w_dense = wc = None
+        if sl.DENSE in kinds:
+            # through float32: fp8 has no comparison kernels on CUDA (unslide normalises -0.0)
+            w_dense = unslide(w.slid.float(), w.pattern, k).to(w.slid.dtype).contiguous()
+            if w.act_dtype == "int8" and dense_kernel("int8", w_dense.device) == "triton_int8":
+                _prewarm_triton_int8(plan, w_dense, scale)
+        if sl.SPARSE in kinds:
+            wc = cl.compress(w.slid)
+            plan = _check_algs(plan, wc, n, k_lifted, w.act_dtype, DTYPES[w.weight_dtype])
+        layer.register_buffer("ss_w_compressed", wc, persistent=False)
+        layer.register_buffer("ss_w_dense", w_dense, persistent=False)
+        layer.register_buffer("ss_w_scale", scale, persistent=False)
+        # plain attributes: apply() passes them to the ops as constants, so the schema stays static
+        layer.ss_n, layer.ss_k, layer.ss_sparsity = n, k, w.pattern.name
+        layer.ss_act_dtype = w.act_dtype or ""
+        layer.ss_plan = plan
+        layer.ss_has_dense = sl.DENSE in kinds
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        n, act = layer.ss_n, layer.ss_act_dtype
+        if not act or not torch.compiler.is_compiling():
+            return torch.ops.slidesparse.sparse_linear(x, layer.ss_w_compressed, layer.ss_w_scale, bias,
+                                                       layer.ss_w_dense, n, layer.ss_sparsity, act, layer.ss_plan)
+        x2 = x.reshape(-1, layer.ss_k)
+        # the codes keep x's shape (no lift, no row padding), so Inductor writes them from the
+        # kernel that reduces the row; the ops lift and pad them only where a sparse GEMM runs
+        codes, s_tok = quantize_rows(x2, act)
+        if layer.ss_has_dense:
+            out = torch.ops.slidesparse.sparse_linear_codes(codes, s_tok, layer.ss_w_compressed, layer.ss_w_scale,
+                                                            bias, layer.ss_w_dense, n, layer.ss_sparsity,
+                                                            layer.ss_plan, x.dtype)
+        else:
+            acc = torch.ops.slidesparse.sparse_mm(codes, layer.ss_w_compressed, n, layer.ss_sparsity, layer.ss_plan)
+            out = dequant_ref(acc[:, :n], s_tok, layer.ss_w_scale, bias, x.dtype)
+        return out.reshape(*x.shape[:-1], n)

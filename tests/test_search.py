@@ -1,0 +1,28 @@
+"""`slidesparse tune`'s checkpoint side (tune/search.py), which runs without a GPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_tune_rejects_non_checkpoints(tmp_path):
+    from slidesparse.tune.search import TuneError, checkpoint_shapes
+    with pytest.raises(TuneError, match="config.json"):
+        checkpoint_shapes(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(TuneError):
+        checkpoint_shapes(tmp_path)
+
+
+def test_tune_reads_a_converted_checkpoint(tmp_path):
+    from slidesparse.convert.make_model import make_model
+    from slidesparse.convert.pipeline import convert
+    from slidesparse.tune.search import checkpoint_shapes
+    make_model("tiny-qwen2", tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "ckpt", sparsity="2_8", dtype="int8")
+    cfg, shapes = checkpoint_shapes(tmp_path / "ckpt")
+    assert cfg.sparsity == "2_8" and cfg.weight_dtype == "int8"
+    # the layers vLLM builds: o (240, 240), down (240, 480), qkv 240+80+80, gate_up 2*480
+    assert shapes == [(240, 240), (240, 480), (400, 240), (960, 240)]

@@ -1,0 +1,67 @@
+"""The tuning table (core/tuning.py): validated once when read, round-trips, buckets per shape."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from slidesparse.core.tuning import TuningEntry, TuningError, TuningTable
+
+
+def _entry(**kw):
+    return {"n": 64, "k_lifted": 96, "dtype": "int8", "m_max": 16, "backend": "sparse", "alg_id": 0, **kw}
+
+
+def _table(*entries):
+    return {"format_version": 1, "device": "NVIDIA H200", "library": "cuSPARSELt 800", "entries": list(entries)}
+
+
+def test_round_trip_and_bucket_order(tmp_path):
+    t = TuningTable.from_dict(_table(_entry(m_max=4096, alg_id=2, us=12.5), _entry(backend="dense"),
+                                     _entry(dtype="fp8_e4m3", alg_id=1)))
+    rows = t.buckets(64, 96, "int8")
+    assert [e.m_max for e in rows] == [16, 4096] and rows[0].backend == "dense" and rows[1].alg_id == 2
+    assert t.buckets(64, 96, "bf16") == () and t.buckets(65, 96, "int8") == ()
+    t.save(tmp_path / "t.json")
+    again = TuningTable.load(tmp_path / "t.json")
+    assert again == t and again.to_dict() == t.to_dict()
+    assert not list(tmp_path.glob(".*tmp"))  # written atomically, nothing left behind
+
+
+def test_the_first_tuners_files_still_read():
+    d = _table({**_entry(), "split_k": 1, "split_k_buffers": None, "us": 3.0, "us_sparse": 3.0, "us_dense": 4.1})
+    assert TuningTable.from_dict(d).entries[0] == TuningEntry(64, 96, "int8", 16, "sparse", 0, 1, 3.0, 3.0, 4.1)
+
+
+@pytest.mark.parametrize("bad,words", [
+    (_entry(alg_id=2 ** 40), "'alg_id' must be an integer in [0, 255]"),
+    (_entry(split_k=-7), "'split_k' must be an integer in [1, 64]"),
+    (_entry(m_max=-1), "'m_max' must be an integer"),
+    (_entry(m_max=1.5), "'m_max' must be an integer"),
+    (_entry(n=True), "'n' must be an integer"),
+    (_entry(backend="gpu"), "'backend' must be one of sparse, dense"),
+    (_entry(dtype="int4"), "'dtype' must be one of"),
+    (_entry(us=float("nan")), "'us' must be a non-negative number"),
+    (_entry(colour="red"), "unknown key 'colour'"),
+    ({"n": 1}, "'dtype' must be one of"),
+    ("x", "entry 0 is not an object"),
+])
+def test_bad_entries_are_one_line_errors(bad, words):
+    with pytest.raises(TuningError) as e:
+        TuningTable.from_dict(_table(bad))
+    assert words in str(e.value) and "entry 0" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    p = tmp_path / "t.json"
+    for text, words in (("{", "cannot read tuning file"), ("[]", "is not a JSON object"),
+                        (json.dumps({"format_version": 2, "entries": []}), "format_version 2 is not supported"),
+                        (json.dumps({"format_version": 1}), "has no 'entries' list"),
+                        (json.dumps(_table(_entry(), _entry())), "same m_max"),
+                        (json.dumps({**_table(), "device": 3}), "'device' must be a string")):
+        p.write_text(text)
+        with pytest.raises(TuningError, match=words):
+            TuningTable.load(p)
+    with pytest.raises(TuningError, match="cannot read"):
+        TuningTable.load(tmp_path / "missing.json")
