@@ -26,3 +26,17 @@ def test_tune_reads_a_converted_checkpoint(tmp_path):
     assert cfg.sparsity == "2_8" and cfg.weight_dtype == "int8"
     # the layers vLLM builds: o (240, 240), down (240, 480), qkv 240+80+80, gate_up 2*480
     assert shapes == [(240, 240), (240, 480), (400, 240), (960, 240)]
+
+
+def test_choose_plan_compares_whole_plans():
+    from slidesparse.tune.search import choose_plan
+    # sparse fused wins everywhere: all sparse (the dequant stays fused into the consumer)
+    assert choose_plan([10, 10, 10], [8, 8, 9], [9, 9, 9.5]) == ["sparse"] * 3
+    # sparse only pays inside a mixed plan at small M: decode sparse, prefill dense
+    assert choose_plan([10, 10, 10], [9, 11, 12], [8, 10.5, 12]) == ["sparse", "dense", "dense"]
+    # a small loss at one bucket is worth an all-sparse plan whose fused form wins big elsewhere
+    assert choose_plan([10, 10], [10.2, 6], [10.5, 7]) == ["sparse", "sparse"]
+    # nothing wins: dense (and equal times keep the simpler, dense plan)
+    assert choose_plan([10, 10], [11, 10], [12, 10]) == ["dense", "dense"]
+    # unquantized layers run one eager op at every M: per-bucket choice
+    assert choose_plan([10, 10], [9, 11], None) == ["sparse", "dense"]

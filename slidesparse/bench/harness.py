@@ -1,0 +1,122 @@
+"""The runtime's own linear, set up and timed outside vLLM: what `slidesparse tune` measures and
+`slidesparse bench kernel` reports, so that what is tuned and benchmarked is what serves.
+
+    random_weight(n, k, sparsity, dtype)   a pruned (core.prune), quantized, slid random layer
+    prepare(weight, plan)                  a layer prepared by the cusparselt backend with that plan
+    traced_forward(backend, layer)         the layer as vLLM runs it under torch.compile, between an
+                                           RMSNorm producer and a residual-add consumer, compiled
+    graph_time_ms(fn)                      device time of one call, from CUDA-graph replays
+
+The producer and consumer matter: in vLLM, Inductor fuses the layer's per-token quantization into
+the kernel that computes x (RMSNorm, SiLU*mul) and, where every bucket is sparse, its dequant into
+the kernel that consumes the output (the residual add, SiLU*mul, rotary). Timing the layer alone
+would charge it passes that do not exist in a model, or miss ones that do. The dense baseline is
+timed in the same context, through the same layer with an all-dense plan: per-token quantization
+in torch ops, then vLLM's CUTLASS GEMM with the scales in its epilogue (kernels/dense.py), which is
+the stock path of a dense W8A8 checkpoint.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from ..core.pattern import parse_pattern, slide
+from ..core.prune import prune_magnitude
+from ..core.quant import quantize_weight
+from ..core.tuning import MAX_M, TuningEntry, TuningTable
+from ..runtime.backend import SlidWeight
+from ..runtime.cusparselt_backend import CusparseltBackend
+
+__all__ = ["random_weight", "prepare", "plan_entries", "traced_forward", "eager_forward", "graph_time_ms",
+           "DENSE_EVERYWHERE"]
+
+DENSE_EVERYWHERE = ((MAX_M, "dense", 0),)
+
+
+def graph_time_ms(fn, target_ms: float = 4.0, replays: int = 5) -> float:
+    """Median device time of one fn() call, from CUDA-graph replays of r back-to-back calls."""
+    fn()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    fn()
+    e1.record()
+    torch.cuda.synchronize()
+    est = max(e0.elapsed_time(e1), 1e-3)
+    r = int(min(max(target_ms / est, 1), 200))
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g, stream=s):
+            for _ in range(r):
+                fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(replays):
+        e0.record()
+        g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        ts.append(e0.elapsed_time(e1) / r)
+    del g
+    return statistics.median(ts)
+
+
+def random_weight(n: int, k: int, sparsity: str, dtype: str, gen: torch.Generator) -> SlidWeight:
+    """A random [N, K] layer pruned by the converter's rule, quantized per channel and slid, on the
+    generator's device (a GEMM's speed does not depend on the values)."""
+    pat = parse_pattern(sparsity)
+    w = prune_magnitude(torch.randn(n, k, device=gen.device, generator=gen), pat)
+    q, scale = quantize_weight(w, dtype)
+    del w
+    slid = slide(q.float(), pat).to(q.dtype)
+    act = dtype if scale is not None else None
+    return SlidWeight(pattern=pat, in_features=k, out_features=n, weight_dtype=dtype, act_dtype=act, slid=slid,
+                      scale=scale)
+
+
+def plan_entries(w: SlidWeight, buckets) -> tuple[TuningEntry, ...]:
+    """Tuning entries for `w`'s shape from (m_max, backend, alg_id) triples."""
+    kl = w.pattern.lifted_k(w.in_features)
+    return tuple(TuningEntry(n=w.out_features, k_lifted=kl, dtype=w.weight_dtype, m_max=m, backend=b, alg_id=a)
+                 for m, b, a in buckets)
+
+
+def prepare(w: SlidWeight, buckets) -> tuple[CusparseltBackend, torch.nn.Module]:
+    """The layer exactly as the runtime prepares it for a checkpoint whose tuning table holds
+    `buckets` ((m_max, "sparse" | "dense", alg_id) triples) for its shape."""
+    backend = CusparseltBackend(TuningTable(entries=plan_entries(w, buckets)))
+    layer = torch.nn.Module()
+    backend.prepare(layer, w)
+    return backend, layer
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # the native RMSNorm vLLM traces when compiling (float32 statistics, result in x's dtype)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * weight
+
+
+def traced_forward(backend, layer, bias: torch.Tensor | None = None):
+    """f(x, residual) = residual + layer(rmsnorm(x)), compiled by Inductor with a dynamic M, as in a
+    vLLM model. Call it with x [M, K] and residual [M, N] (bf16)."""
+    norm_w = torch.ones(layer.ss_k, dtype=torch.bfloat16, device=layer.ss_w_scale.device
+                        if layer.ss_w_scale is not None else "cuda")
+
+    def f(x, residual):
+        return residual + backend.apply(layer, _rms_norm(x, norm_w), bias)
+    return torch.compile(f, fullgraph=True, dynamic=True)
+
+
+def eager_forward(backend, layer, bias: torch.Tensor | None = None):
+    """The same computation without torch.compile (vLLM's --enforce-eager)."""
+    norm_w = torch.ones(layer.ss_k, dtype=torch.bfloat16, device="cuda")
+
+    def f(x, residual):
+        return residual + backend.apply(layer, _rms_norm(x, norm_w), bias)
+    return f
