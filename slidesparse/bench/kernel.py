@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.pattern import parse_pattern
 from ..core.quant import DTYPES
 from .harness import DENSE_EVERYWHERE, graph_time_ms, prepare, random_weight, traced_forward
 from .shapes import linear_shapes

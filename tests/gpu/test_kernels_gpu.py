@@ -11,9 +11,8 @@ import zlib
 import pytest
 import torch
 
-from slidesparse.core.pattern import lift, parse_pattern, slide
-from slidesparse.core.quant import DTYPES, quantize_weight
-from slidesparse.core.quant import quantize_rows
+from slidesparse.core.pattern import lift, parse_pattern, slide, unslide
+from slidesparse.core.quant import DTYPES, quantize_rows, quantize_weight
 from slidesparse.core.tuning import TuningTable
 from slidesparse.kernels import reference as ref
 
@@ -341,3 +340,47 @@ def test_two_models_share_no_state_and_free_their_memory():
     del be2, layer2
     gc.collect()
     assert torch.cuda.memory_allocated() <= before + (1 << 20)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("m", (1, 16, 255, 4096))
+def test_dense_scaled_mm_kernels_match_float64(m, act):
+    """Every dense kernel the dense buckets and the baselines may run (vLLM's CUTLASS kernel where
+    vLLM is importable, the stand-ins always): scales and bias in the epilogue, one bf16 rounding."""
+    from slidesparse.kernels.dense import dense_kernel, dense_scaled_mm
+    n, k = 4608, 3584
+    g = torch.Generator(device=DEV).manual_seed(m + 7)
+    q, s = quantize_rows(_x(m, k, 83 + m), act)
+    w, sc = quantize_rows(torch.randn(n, k, device=DEV, generator=g), act)
+    bias = (torch.randn(n, device=DEV, generator=g) * 0.1).to(torch.bfloat16)
+    r = (q.double() @ w.double().T) * s.double()[:, None] * sc.double()[None, :] + bias.double()
+    kernels = {dense_kernel(act), "triton_int8" if act == "int8" else "torch_scaled_mm"}
+    for kern in kernels:
+        out = dense_scaled_mm(q, w, s, sc, bias, torch.bfloat16, kern)
+        assert out.shape == (m, n) and out.dtype == torch.bfloat16, kern
+        # the accumulator is exact for INT8 and FP32-accumulated for FP8; then one bf16 rounding
+        # (torch._scaled_mm adds the bias after rounding: a second one)
+        assert bool(((out.double() - r).abs() <= 2.0 ** -7 * r.abs() + 2e-3 * r.abs().max()).all()), kern
+
+
+def test_tuner_measures_the_runtime_layer_and_its_plan_runs():
+    """`slidesparse tune`'s per-shape step on a small layer: valid entries for every bucket, and
+    the layer prepared with the chosen plan (compiled as vLLM runs it) computes the same layer."""
+    from slidesparse.bench.harness import prepare, random_weight, traced_forward
+    from slidesparse.core.format import SlideSparseConfig
+    from slidesparse.tune.search import tune_shape
+    cfg = SlideSparseConfig(sparsity="2_8", weight_dtype="fp8_e4m3", weight_scheme="per_channel_symmetric",
+                            activation_dtype="fp8_e4m3", activation_scheme="per_token_dynamic")
+    n, k = 1024, 2048
+    entries = tune_shape(n, k, cfg, buckets=(16, 2048), rounds=1)
+    assert [e.m_max for e in entries] == [16, 2048]
+    assert all(e.backend in ("sparse", "dense") and e.us_sparse > 0 and e.us_dense > 0 for e in entries)
+    w = random_weight(n, k, "2_8", "fp8_e4m3", torch.Generator(device=DEV).manual_seed(5))
+    be, layer = prepare(w, [(e.m_max, e.backend, e.alg_id) for e in entries])
+    f = traced_forward(be, layer)
+    for m in (3, 700):
+        x, res = _x(m, k, 89 + m), torch.zeros(m, n, device=DEV, dtype=torch.bfloat16)
+        q = unslide(w.slid.float(), w.pattern, k).to(w.slid.dtype)
+        norm = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+        exact = ref.linear_ref(norm, q, w.scale, None, "fp8_e4m3", compute_dtype=torch.float64)
+        assert _rel(f(x, res), exact) < 6e-3, m
