@@ -46,8 +46,9 @@ struct Table {
       Entry& e = entries[count++];
       fn(&e.info);
       const ss_config_info& i = e.info;
-      std::snprintf(e.name, sizeof(e.name), "%s_%s_%s_%dx%dx%d_c%dx%d", dtype[i.in_dtype], dtype[i.out_dtype],
-                    sched[i.schedule], i.tile_m, i.tile_n, i.tile_k, i.cluster_m, i.cluster_n);
+      std::snprintf(e.name, sizeof(e.name), "%s_%s_%s_%dx%dx%d_c%dx%d%s", dtype[i.in_dtype], dtype[i.out_dtype],
+                    sched[i.schedule], i.tile_m, i.tile_n, i.tile_k, i.cluster_m, i.cluster_n,
+                    i.plain_epilogue ? "_plain" : "");
     }
   }
 };

@@ -17,7 +17,7 @@
 extern "C" {
 #endif
 
-#define SS_ABI_VERSION 1
+#define SS_ABI_VERSION 2
 
 typedef enum {
   SS_OK = 0,
@@ -35,6 +35,8 @@ enum { SS_DTYPE_FP8E4M3 = 0, SS_DTYPE_INT8 = 1, SS_DTYPE_BF16 = 2, SS_DTYPE_FP16
 enum { SS_SCHED_PINGPONG = 0, SS_SCHED_COOPERATIVE = 1, SS_SCHED_STREAMK = 2 };
 /* Decomposition of a stream-K configuration's work (the others run data-parallel only). */
 enum { SS_MODE_DATA_PARALLEL = 0, SS_MODE_SPLITK = 1, SS_MODE_STREAMK = 2 };
+/* Tile rasterisation of the persistent schedulers (GEMM frame: M = channels, N = tokens). */
+enum { SS_RASTER_HEURISTIC = 0, SS_RASTER_ALONG_M = 1, SS_RASTER_ALONG_N = 2 };
 
 typedef struct {
   const void* x;        /* x' [m, k] row-major, int8 or fp8 e4m3 */
@@ -51,6 +53,8 @@ typedef struct {
   size_t workspace_bytes;
   void* stream;         /* cudaStream_t */
   int32_t device;       /* the device the pointers live on (the current device) */
+  int32_t swizzle;      /* max swizzle of the tile order (1, 2, 4, 8): L2 reuse between CTAs */
+  int32_t raster;       /* SS_RASTER_* */
 } ss_args;
 
 typedef ss_status (*ss_run_fn)(const ss_args*, int sm_count);
@@ -64,6 +68,7 @@ typedef struct {
   int32_t stages;                 /* mainloop pipeline stages */
   int32_t smem_bytes;             /* dynamic shared memory per CTA */
   int32_t threads;
+  int32_t plain_epilogue;         /* 1: acc -> out only (measurement of the epilogue's share) */
   ss_run_fn run;
   ss_workspace_fn workspace_size;
 } ss_config_info;

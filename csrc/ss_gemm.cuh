@@ -19,6 +19,7 @@
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/thread/activation.h"
 #include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
 #include "cutlass/gemm/collective/collective_builder.hpp"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
@@ -39,6 +40,12 @@ using namespace cute;
 struct Pingpong {};
 struct Cooperative {};
 struct StreamK {};
+
+// Epilogues: Scaled is the product (scales, bias, one rounding); Plain only converts the
+// accumulator to the output type. Plain exists to measure the epilogue's share of the time (the
+// same mainloop and store with and without the visitor tree); it is never offered for serving.
+struct Scaled {};
+struct Plain {};
 
 template <class In> struct InTraits;
 template <> struct InTraits<cutlass::float_e4m3_t> {
@@ -63,11 +70,12 @@ template <class Out> struct OutTraits;
 template <> struct OutTraits<cutlass::bfloat16_t> { static constexpr int code = SS_DTYPE_BF16; };
 template <> struct OutTraits<cutlass::half_t> { static constexpr int code = SS_DTYPE_FP16; };
 
-template <class In_, class Out_, int TM, int TN, int TK, int CM, int CN, class Sched_>
+template <class In_, class Out_, int TM, int TN, int TK, int CM, int CN, class Sched_, class Epi_ = Scaled>
 struct Config {
   using In = In_;
   using Out = Out_;
   using Sched = Sched_;
+  static constexpr bool kPlain = cute::is_same_v<Epi_, Plain>;
   using Acc = typename InTraits<In>::Acc;
   using TileShape = Shape<Int<TM>, Int<TN>, Int<TK>>;
   using ClusterShape = Shape<Int<CM>, Int<CN>, _1>;
@@ -106,9 +114,13 @@ struct Kernel {
   using ScaledAcc = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, float, float, RoundStyle>,
       TokenScale, cutlass::epilogue::fusion::Sm90AccFetch>;
-  using Fusion = cutlass::epilogue::fusion::Sm90EVT<
+  using ScaledFusion = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, Out, float, RoundStyle>,
       ChannelScale, ScaledAcc, Bias>;
+  using PlainFusion = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::epilogue::thread::Identity, Out, float, RoundStyle>,
+      cutlass::epilogue::fusion::Sm90AccFetch>;
+  using Fusion = cute::conditional_t<Cfg::kPlain, PlainFusion, ScaledFusion>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, TileShape, typename Cfg::ClusterShape,
@@ -150,18 +162,27 @@ struct Kernel {
     args.mainloop.dB = dB;
     args.mainloop.ptr_E = static_cast<ElementE const*>(a.w_meta);
     args.mainloop.layout_e = SparseConfig::fill_layoutE(problem);
-    auto& f = args.epilogue.thread;
-    f = {
-        {static_cast<float const*>(a.s_ch), 0.f, {}},                        // ChannelScale
-        {{static_cast<float const*>(a.s_tok), 0.f, {}}, {}, {}},             // TokenScale * acc
-        {static_cast<Out const*>(a.bias), Out(0), {}},                       // Bias (null: 0)
-        {}};
+    if constexpr (!Cfg::kPlain) {
+      auto& f = args.epilogue.thread;
+      f = {
+          {static_cast<float const*>(a.s_ch), 0.f, {}},                      // ChannelScale
+          {{static_cast<float const*>(a.s_tok), 0.f, {}}, {}, {}},           // TokenScale * acc
+          {static_cast<Out const*>(a.bias), Out(0), {}},                     // Bias (null: 0)
+          {}};
+    }
     args.epilogue.ptr_C = nullptr;
     args.epilogue.ptr_D = static_cast<Out*>(a.out);
     args.epilogue.dD = dD;
     args.epilogue.dC = dD;
     args.hw_info.device_id = a.device;
     args.hw_info.sm_count = sm_count;
+    // Tile order is a run-time choice (no recompile): with N/128 x M/256 tiles in waves of 132,
+    // how consecutive CTAs share weight and x' tiles in L2 depends on the shape.
+    using Raster = decltype(args.scheduler.raster_order);
+    args.scheduler.max_swizzle_size = a.swizzle > 0 ? a.swizzle : 1;
+    args.scheduler.raster_order = a.raster == SS_RASTER_ALONG_M   ? Raster::AlongM
+                                  : a.raster == SS_RASTER_ALONG_N ? Raster::AlongN
+                                                                  : Raster::Heuristic;
     if constexpr (Cfg::kStreamK) {
       using Mode = cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90StreamKParams::DecompositionMode;
       args.scheduler.splits = a.splits > 1 ? a.splits : 1;
@@ -215,6 +236,7 @@ struct Kernel {
     i.stages = CollectiveMainloop::DispatchPolicy::Stages;
     i.smem_bytes = int(GemmKernel::SharedStorageSize);
     i.threads = int(GemmKernel::MaxThreadsPerBlock);
+    i.plain_epilogue = Cfg::kPlain ? 1 : 0;
     i.run = &run;
     i.workspace_size = &workspace_size;
     return i;

@@ -11,8 +11,8 @@
 #define SS_CAT(a, b) SS_CAT_(a, b)
 
 namespace ss {
-#define SS_ALIAS(ID, IN, OUT, TM, TN, TK, CM, CN, SCHED) \
-  using SS_CAT(Cfg, ID) = Config<IN, OUT, TM, TN, TK, CM, CN, SCHED>;
+#define SS_ALIAS(ID, IN, OUT, TM, TN, TK, CM, CN, ...) \
+  using SS_CAT(Cfg, ID) = Config<IN, OUT, TM, TN, TK, CM, CN, __VA_ARGS__>;
 SS_CONFIG_LIST(SS_ALIAS)
 #undef SS_ALIAS
 }  // namespace ss

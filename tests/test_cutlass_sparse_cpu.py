@@ -97,12 +97,14 @@ def test_packed_shape_errors_are_one_line():
         cs.compress_packed(vals, torch.zeros(16, 16, dtype=torch.uint8), k=144)
 
 
-def test_bad_config_mode_is_rejected():
-    with pytest.raises(cs.CutlassSparseError, match="mode"):
-        cs._parse_config("fp8_bf16_streamk_128x64x128_c1x1:fast")
-    assert cs._parse_config("x:split4") == ("x", 1, 4)
-    assert cs._parse_config("x:streamk") == ("x", 2, 1)
-    assert cs._parse_config("x") == ("x", 0, 1)
+def test_config_options_parse_and_bad_ones_are_rejected():
+    for bad in ("fp8_bf16_streamk_128x64x128_c1x1:fast", "x:sw3", "x:split", "x:split0"):
+        with pytest.raises(cs.CutlassSparseError, match="option"):
+            cs._parse_config(bad)
+    assert cs._parse_config("x:split4") == ("x", dict(mode=1, splits=4, swizzle=1, raster=0))
+    assert cs._parse_config("x:streamk:sw8") == ("x", dict(mode=2, splits=1, swizzle=8, raster=0))
+    assert cs._parse_config("x:rastern:sw2") == ("x", dict(mode=0, splits=1, swizzle=2, raster=2))
+    assert cs._parse_config("x") == ("x", dict(mode=0, splits=1, swizzle=1, raster=0))
 
 
 # ----------------------------------------------------------------------------- the layout

@@ -183,7 +183,13 @@ def ours_variants(xl, w_slid, s_tok, s_ch, bias, dtype, configs):
         return {"slidesparse_cutlass": RuntimeError(cs.why_unavailable())}
     w = cs.compress(w_slid, k=xl.shape[1])
     names = configs or cs.configs(dtype)
-    return {f"ss:{c}": (lambda c=c: cs.scaled_sparse_mm(xl, w, s_tok, s_ch, bias, config=c)) for c in names}
+    out = {f"ss:{c}": (lambda c=c: cs.scaled_sparse_mm(xl, w, s_tok, s_ch, bias, config=c)) for c in names}
+    # the epilogue's share: a plain-epilogue twin of a configuration (acc -> bf16 only), where compiled
+    for plain in cs.plain_configs():
+        twin = plain.removesuffix("_plain")
+        if cs.config_info(plain)["in_dtype"] == cs.config_info(twin)["in_dtype"] and twin in names:
+            out[f"plain:{plain}"] = lambda p=plain: cs.unscaled_mm_for_measurement(xl, w, p)
+    return out
 
 
 def run_problems(args) -> list[dict]:
@@ -221,6 +227,11 @@ def run_problems(args) -> list[dict]:
                         rows += collect(fns, base | dict(pattern=pattern, kp=kp), args)
                         del w_slid, xl
                     print(f"{preset} {layer} {dname} M={m} done", flush=True)
+                    if args.partial:
+                        # what is measured so far survives a run cut short by the machine's limit
+                        tmp = Path(args.partial + ".tmp")
+                        tmp.write_text(json.dumps(dict(command=args.cmd, rows=rows)))
+                        tmp.replace(args.partial)
                 torch.cuda.empty_cache()
     return rows
 
@@ -256,7 +267,7 @@ def summarize(rows, cmd, meta) -> str:
              "epilogue (not comparable with the targets).", ""]
     sums: dict = {}
     for r in rows:
-        if r["ms"] is None or r["variant"].startswith("ss:"):
+        if r["ms"] is None or r["variant"].startswith(("ss:", "plain:")):
             continue
         key = (r["preset"], r["dtype"], r["m"], r["pattern"], r["variant"])
         sums.setdefault(key, []).append(r["ms"])
@@ -272,6 +283,28 @@ def summarize(rows, cmd, meta) -> str:
         for (p, v), ms in sorted(d.items()):
             su = f"{dense[ref_name] / ms:.3f}x" if ref_name else "-"
             lines.append(f"| {p} | {v} | {ms:.4f} | {su} |")
+        lines.append("")
+    lines += ["## Best SlideSparse configuration per layer (what the tuner would store)", "",
+              "| preset | layer | dtype | pattern | M | config | ms | TFLOP/s (dense-equivalent 2MNK) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in rows if r["variant"] == "slidesparse_cutlass"),
+                    key=lambda r: (r["preset"], r["dtype"], r["pattern"], r["m"], r["layer"])):
+        lines.append(f"| {r['preset']} | {r['layer']} | {r['dtype']} | {r['pattern']} | {r['m']} | {r['config']} | "
+                     f"{r['ms']:.4f} | {r['dense_equiv_tflops']:.0f} |")
+    lines.append("")
+    key = lambda r: (r["preset"], r["layer"], r["dtype"], r["pattern"], r["m"])  # noqa: E731
+    scaled = {(key(r), r["variant"][3:]): r["ms"] for r in rows if r["variant"].startswith("ss:") and r["ms"]}
+    plain = [r for r in rows if r["variant"].startswith("plain:") and r["ms"]]
+    if plain:
+        lines += ["## The epilogue's share (same configuration with the plain epilogue: acc -> bf16 only)", "",
+                  "| preset | layer | dtype | pattern | M | config | scaled ms | plain ms | epilogue share |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(plain, key=key):
+            twin = r["variant"][6:].removesuffix("_plain")
+            t = scaled.get((key(r), twin))
+            if t:
+                lines.append(f"| {r['preset']} | {r['layer']} | {r['dtype']} | {r['pattern']} | {r['m']} | {twin} | "
+                             f"{t:.4f} | {r['ms']:.4f} | {(t - r['ms']) / t:.1%} |")
         lines.append("")
     missing = sorted({(r["variant"], r["error"]) for r in rows if r["ms"] is None})
     if missing:
@@ -296,6 +329,9 @@ def main():
     if args.configs:
         args.configs = args.configs.split(",")
     cmd = "python " + " ".join([sys.argv[0]] + sys.argv[1:])
+    args.cmd = cmd
+    args.partial = args.out + ".partial.json"
+    Path(args.partial).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     try:
         from slidesparse.kernels import cslt_plan
@@ -310,7 +346,8 @@ def main():
     except Exception as e:  # noqa: BLE001
         meta["cutlass_build"] = str(e)
     if args.cslt_label == "cusparselt" and cslt_ver:
-        args.cslt_label = f"cusparselt_{cslt_ver // 100}.{cslt_ver % 100 // 10}" if cslt_ver >= 100 else "cusparselt"
+        # cuSPARSELt numbers its releases major*1000 + minor*100 + patch (800 = 0.8.0)
+        args.cslt_label = f"cusparselt_{cslt_ver // 1000}.{cslt_ver % 1000 // 100}.{cslt_ver % 100}"
     rows = run_problems(args)
     if args.cslt010:
         child = Path(args.out + "_cslt010")
@@ -327,6 +364,7 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(dict(command=cmd, meta=meta, rows=rows), indent=1))
+    Path(args.partial).unlink(missing_ok=True)
     md = summarize(rows, cmd, meta)
     out.with_suffix(".md").write_text(md + "\n")
     print(md)

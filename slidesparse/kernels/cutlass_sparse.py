@@ -13,8 +13,10 @@ API (pure functions; nothing here imports slidesparse.runtime):
     available() -> bool                     library loadable and an sm_90 GPU present; never raises
     why_unavailable() -> str | None         one line for the user, None when available
     configs(dtype, out_dtype=torch.bfloat16) -> list[str]
-        the compiled configurations for that input dtype, with their run modes: a stream-K
-        configuration appears as NAME (data-parallel), NAME:streamk, NAME:split2, :split4, :split8
+        the compiled configurations for that input dtype with the run-time options worth tuning:
+        NAME, NAME:sw2|sw4|sw8 (tile-order swizzle), and for a stream-K configuration also
+        NAME:streamk, NAME:split2|split4|split8. Any 'NAME[:opt]...' is accepted, opt one of
+        streamk, split<N>, sw1|sw2|sw4|sw8, rasterm, rastern (tile raster along channels/tokens).
     config_info(name) -> dict               tile, cluster, schedule, stages, shared memory
     default_config(dtype, m, out_dtype=torch.bfloat16) -> str   used when config is None
     K_ALIGN = 64                            K' of x' and of the compressed weight is a multiple
@@ -64,14 +66,15 @@ import torch
 __all__ = [
     "available", "why_unavailable", "configs", "config_info", "default_config", "K_ALIGN", "padded_k",
     "CompressedWeight", "compress", "compress_packed", "decompress", "scaled_sparse_mm", "CutlassSparseError",
-    "library_path", "build_info", "meta_to_cutlass", "meta_from_cutlass",
+    "library_path", "build_info", "meta_to_cutlass", "meta_from_cutlass", "plain_configs",
+    "unscaled_mm_for_measurement",
 ]
 
 K_ALIGN = 64
 N_ALIGN = 8
 LIB_ENV = "SLIDESPARSE_CUTLASS_LIB"
 LIB_NAME = "libslidesparse_cutlass.so"
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _META_ATOM_ROWS, _META_ATOM_COLS = 64, 128  # logical (64, 128) = 64 rows x 16 bytes
 
 _IN_CODE = {torch.float8_e4m3fn: 0, torch.int8: 1}
@@ -80,6 +83,8 @@ _CODE_NAME = {0: "fp8", 1: "int8", 2: "bf16", 3: "fp16"}
 _SCHED_NAME = {0: "pingpong", 1: "coop", 2: "streamk"}
 _MODE = {"": 0, "splitk": 1, "streamk": 2}
 _SPLITS = (2, 4, 8)
+_SWIZZLES = (2, 4, 8)
+_RASTER = {"rasterm": 1, "rastern": 2}
 _STATUS = {
     1: "no such configuration", 2: "split-K/stream-K needs a streamk configuration",
     3: "CUTLASS cannot implement this problem (alignment or layout)", 4: "workspace too small",
@@ -101,13 +106,15 @@ class _Args(ctypes.Structure):
         ("out", ctypes.c_void_p), ("m", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
         ("mode", ctypes.c_int32), ("splits", ctypes.c_int32), ("workspace", ctypes.c_void_p),
         ("workspace_bytes", ctypes.c_size_t), ("stream", ctypes.c_void_p), ("device", ctypes.c_int32),
+        ("swizzle", ctypes.c_int32), ("raster", ctypes.c_int32),
     ]
 
 
 class _Info(ctypes.Structure):
     _fields_ = [(f, ctypes.c_int32) for f in (
         "in_dtype", "out_dtype", "tile_m", "tile_n", "tile_k", "cluster_m", "cluster_n", "schedule",
-        "stages", "smem_bytes", "threads")] + [("run", ctypes.c_void_p), ("workspace_size", ctypes.c_void_p)]
+        "stages", "smem_bytes", "threads", "plain_epilogue")] + [("run", ctypes.c_void_p),
+                                                                 ("workspace_size", ctypes.c_void_p)]
 
 
 def library_path() -> Path | None:
@@ -240,51 +247,63 @@ def build_info() -> str:
 # ----------------------------------------------------------------------------- configurations
 
 def _variants(name: str, info: dict) -> list[str]:
-    if _SCHED_NAME[info["schedule"]] != "streamk":
-        return [name]
-    return [name, f"{name}:streamk"] + [f"{name}:split{s}" for s in _SPLITS]
+    """The run-time variants worth a tuner's time: tile-order swizzles for every configuration,
+    and for a stream-K one its stream-K and split-K decompositions."""
+    out = [name] + [f"{name}:sw{s}" for s in _SWIZZLES]
+    if _SCHED_NAME[info["schedule"]] == "streamk":
+        out += [f"{name}:streamk"] + [f"{name}:split{s}" for s in _SPLITS]
+    return out
 
 
 def configs(dtype: torch.dtype, out_dtype: torch.dtype = torch.bfloat16) -> list[str]:
-    """Names of the compiled configurations (with run modes) for x'/W' dtype -> out_dtype."""
+    """Names of the compiled configurations (with run-time options) for x'/W' dtype -> out_dtype."""
     lib = _lib()
     want = (_IN_CODE.get(dtype), _OUT_CODE.get(out_dtype))
     out = []
     for name, info in lib.info.items():
-        if (info["in_dtype"], info["out_dtype"]) == want:
+        if (info["in_dtype"], info["out_dtype"]) == want and not info["plain_epilogue"]:
             out += _variants(name, info)
     return out
 
 
-def _parse_config(config: str) -> tuple[str, int, int]:
-    base, _, mode = config.partition(":")
-    if mode == "":
-        return base, 0, 1
-    if mode == "streamk":
-        return base, _MODE["streamk"], 1
-    if mode.startswith("split") and mode[5:].isdigit() and int(mode[5:]) >= 1:
-        return base, _MODE["splitk"], int(mode[5:])
-    raise CutlassSparseError(f"bad configuration mode {mode!r} in {config!r}: expected streamk or split<N>")
+def _parse_config(config: str) -> tuple[str, dict]:
+    """'BASE[:opt]...' with opt one of streamk, split<N>, sw<N> (1, 2, 4, 8), rasterm, rastern."""
+    base, *opts = config.split(":")
+    o = dict(mode=0, splits=1, swizzle=1, raster=0)
+    for opt in opts:
+        if opt == "streamk":
+            o["mode"] = _MODE["streamk"]
+        elif opt.startswith("split") and opt[5:].isdigit() and int(opt[5:]) >= 1:
+            o["mode"], o["splits"] = _MODE["splitk"], int(opt[5:])
+        elif opt.startswith("sw") and opt[2:] in ("1", "2", "4", "8"):
+            o["swizzle"] = int(opt[2:])
+        elif opt in _RASTER:
+            o["raster"] = _RASTER[opt]
+        else:
+            raise CutlassSparseError(f"bad configuration option {opt!r} in {config!r}: expected streamk, split<N>, "
+                                     f"sw1|sw2|sw4|sw8, rasterm or rastern")
+    return base, o
 
 
 def config_info(name: str) -> dict:
-    base, mode, splits = _parse_config(name)
+    base, opts = _parse_config(name)
     lib = _lib()
     if base not in lib.info:
         raise CutlassSparseError(f"unknown CUTLASS sparse configuration {base!r}; compiled: {sorted(lib.info)}")
     d = dict(lib.info[base])
-    d.update(name=name, schedule_name=_SCHED_NAME[d["schedule"]], mode=mode, splits=splits)
+    d.update(name=name, schedule_name=_SCHED_NAME[d["schedule"]], **opts)
     return d
 
 
 def default_config(dtype: torch.dtype, m: int, out_dtype: torch.dtype = torch.bfloat16) -> str:
     """A reasonable configuration without tuning: stream-K on the 128x64 tile for small M (it
-    fills the SMs when N/128 tiles do not), ping-pong 128x128 otherwise. The tuner measures better."""
+    fills the SMs when N/128 tiles do not), cooperative 128x256 otherwise (the best at M=16384 on
+    every Qwen2.5-7B layer, results/H200/cutlass/). The tuner measures better."""
     names = configs(dtype, out_dtype)
     if not names:
         raise CutlassSparseError(f"no CUTLASS sparse configuration compiled for {dtype} -> {out_dtype}")
     prefix = f"{_CODE_NAME[_IN_CODE[dtype]]}_{_CODE_NAME[_OUT_CODE[out_dtype]]}_"
-    want = prefix + ("streamk_128x64x128_c1x1:streamk" if m <= 256 else "pingpong_128x128x128_c2x1")
+    want = prefix + ("streamk_128x64x128_c1x1:streamk" if m <= 256 else "coop_128x256x128_c1x2")
     return want if want in names else names[0]
 
 
@@ -437,7 +456,7 @@ def _aligned(t: torch.Tensor, nbytes: int = 16) -> bool:
 
 def scaled_sparse_mm(x_lifted: torch.Tensor, w: CompressedWeight, s_tok: torch.Tensor, s_ch: torch.Tensor,
                      bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
-                     config: str | None = None) -> torch.Tensor:
+                     config: str | None = None, _plain_ok: bool = False) -> torch.Tensor:
     """out [M, N] = (x' @ W'^T) * s_tok[m] * s_ch[n] + bias[n] (fp32 math, one rounding to out_dtype).
 
     x_lifted [M, w.k] row-major, w.dtype; s_tok fp32 [M] (or [M, 1]); s_ch fp32 [N]; bias out_dtype
@@ -472,18 +491,21 @@ def scaled_sparse_mm(x_lifted: torch.Tensor, w: CompressedWeight, s_tok: torch.T
     if m == 0:
         return out
     config = config or default_config(w.dtype, m, out_dtype)
-    base, mode, splits = _parse_config(config)
+    base, opts = _parse_config(config)
     idx = lib.index.get(base)
     if idx is None:
         raise CutlassSparseError(f"unknown CUTLASS sparse configuration {base!r}; compiled: {sorted(lib.index)}")
     info = lib.info[base]
     if (info["in_dtype"], info["out_dtype"]) != (_IN_CODE[w.dtype], _OUT_CODE[out_dtype]):
         raise CutlassSparseError(f"configuration {base} is not for {w.dtype} -> {out_dtype}")
+    if info["plain_epilogue"] and not _plain_ok:
+        raise CutlassSparseError(f"configuration {base} skips the scales and the bias (measurement only)")
     device = dev.index if dev.index is not None else torch.cuda.current_device()
     args = _Args(x_lifted.data_ptr(), w.values.data_ptr(), w.meta.data_ptr(), s_tok.data_ptr(), s_ch.data_ptr(),
-                 bias.data_ptr() if bias is not None else None, out.data_ptr(), m, n, w.k, mode, splits,
-                 None, 0, torch.cuda.current_stream(dev).cuda_stream, device)
-    key = (idx, m, n, w.k, mode, splits, device)
+                 bias.data_ptr() if bias is not None else None, out.data_ptr(), m, n, w.k, opts["mode"],
+                 opts["splits"], None, 0, torch.cuda.current_stream(dev).cuda_stream, device, opts["swizzle"],
+                 opts["raster"])
+    key = (idx, m, n, w.k, device, *opts.values())
     ws_bytes = _WS.get(key)
     if ws_bytes is None:
         size = ctypes.c_size_t(0)
@@ -502,3 +524,17 @@ def scaled_sparse_mm(x_lifted: torch.Tensor, w: CompressedWeight, s_tok: torch.T
     if st:
         raise lib.error(st, f"CUTLASS sparse GEMM {config} (M={m}, N={n}, K'={w.k})")
     return out
+
+
+def plain_configs() -> list[str]:
+    """Configurations compiled with the plain epilogue (acc -> bf16, no scales, no bias)."""
+    return [n for n, i in _lib().info.items() if i["plain_epilogue"]]
+
+
+def unscaled_mm_for_measurement(x_lifted: torch.Tensor, w: CompressedWeight, config: str) -> torch.Tensor:
+    """x' @ W'^T rounded to bf16, through a plain-epilogue configuration: the same mainloop and
+    store as its scaled twin, so the time difference is the epilogue visitor tree's. Not for serving."""
+    m = x_lifted.shape[0]
+    ones_m = torch.ones(m, dtype=torch.float32, device=x_lifted.device)
+    ones_n = torch.ones(w.n, dtype=torch.float32, device=x_lifted.device)
+    return scaled_sparse_mm(x_lifted, w, ones_m, ones_n, None, torch.bfloat16, config, _plain_ok=True)

@@ -6,6 +6,9 @@ plus the bias. INT8 must be exact up to the final bf16/fp16 rounding (and the fp
 roundings); FP8 must stay in its band (fast accumulation, then one rounding).
 """
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -16,6 +19,22 @@ try:
     from slidesparse.core.pattern import lift_index, parse_pattern, pack, slide
 except ImportError:  # before the core/ restructuring
     from slidesparse.pattern import lift_index, parse_pattern, pack, slide
+
+
+# FP8 errors seen, written to $SLIDESPARSE_TEST_RECORD (a JSON path) at the end of the module so
+# that a GPU run can report the band it measured, not just that it passed.
+FP8_SEEN: list = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _record():
+    yield
+    path = os.environ.get("SLIDESPARSE_TEST_RECORD")
+    if path and FP8_SEEN:
+        errs = [e["rel_fro"] for e in FP8_SEEN]
+        with open(path, "w") as f:
+            json.dump({"fp8_rel_fro_max": max(errs), "fp8_rel_fro_median": sorted(errs)[len(errs) // 2],
+                       "count": len(errs), "cases": FP8_SEEN}, f, indent=1)
 
 
 def _need():
@@ -125,10 +144,12 @@ def assert_int8_exact(out, ref, prob, xq, s_tok, rows=None, what=""):
                                  f"{float(((o - ref).abs() / tol).max()):.3g} x tolerance")
 
 
-def fp8_error(out, ref):
+def fp8_error(out, ref, what=""):
     o = out.double()
     assert torch.isfinite(o).all()
-    return float((o - ref).norm() / ref.norm())
+    err = float((o - ref).norm() / ref.norm())
+    FP8_SEEN.append(dict(case=what, out_dtype=str(out.dtype), rel_fro=err))
+    return err
 
 
 # ----------------------------------------------------------------------------- the compressor
@@ -191,7 +212,7 @@ def test_every_config_and_mode_over_m(dtype):
             if dtype == INT8:
                 assert_int8_exact(out, ref, prob, xq, s_tok, what=f"{config} M={m}")
             else:
-                err = fp8_error(out, ref)
+                err = fp8_error(out, ref, f"{config} M={m}")
                 assert err < FP8_REL_FRO[torch.bfloat16], f"{config} M={m}: rel error {err:.2e}"
 
 
@@ -208,7 +229,7 @@ def test_default_config_over_all_m_up_to_65536(dtype):
         if dtype == INT8:
             assert_int8_exact(got, ref, prob, xq, s_tok, rows, what=f"M={m}")
         else:
-            assert fp8_error(got, ref) < FP8_REL_FRO[torch.bfloat16], f"M={m}"
+            assert fp8_error(got, ref, f"default M={m}") < FP8_REL_FRO[torch.bfloat16], f"M={m}"
 
 
 @pytest.mark.parametrize("pattern", ["2_4", "2_6", "2_8", "2_10", "2_inf"])
@@ -226,7 +247,7 @@ def test_patterns_and_output_dtypes(pattern, dtype, out_dtype):
         if dtype == INT8:
             assert_int8_exact(out, ref, prob, xq, s_tok, what=f"{pattern} {config}")
         else:
-            assert fp8_error(out, ref) < FP8_REL_FRO[out_dtype], f"{pattern} {config}"
+            assert fp8_error(out, ref, f"{pattern} {config}") < FP8_REL_FRO[out_dtype], f"{pattern} {config}"
 
 
 @pytest.mark.parametrize("dtype", [INT8, FP8])
@@ -240,7 +261,7 @@ def test_every_preset_shape(dtype):
             if dtype == INT8:
                 assert_int8_exact(out, ref, prob, xq, s_tok, what=f"{preset} {layer}")
             else:
-                assert fp8_error(out, ref) < FP8_REL_FRO[torch.bfloat16], f"{preset} {layer}"
+                assert fp8_error(out, ref, f"{preset} {layer}") < FP8_REL_FRO[torch.bfloat16], f"{preset} {layer}"
             del prob
         torch.cuda.empty_cache()
 
@@ -346,3 +367,20 @@ def test_config_table_is_what_the_build_promised():
     for n in bases:
         info = cs.config_info(n)
         assert info["smem_bytes"] <= 232448 and info["stages"] >= 2, n
+
+
+def test_plain_epilogue_twin_computes_the_unscaled_product():
+    """The measurement-only twin (no scales, no bias) must still be the right GEMM, or the
+    epilogue-share numbers it gives would mean nothing; it is never offered for serving."""
+    plain = cs.plain_configs()
+    if not plain:
+        pytest.skip("no plain-epilogue configuration compiled")
+    prob = Problem(384, 640, "2_8", FP8, seed=12, bias=False)
+    xq, xl, s_tok = prob.activations(96)
+    for p in plain:
+        assert p not in cs.configs(FP8) and p.split(":")[0] not in {c.split(":")[0] for c in cs.configs(FP8)}
+        with pytest.raises(cs.CutlassSparseError, match="measurement only"):
+            cs.scaled_sparse_mm(xl, prob.w, s_tok, prob.s_ch, config=p)
+        out = cs.unscaled_mm_for_measurement(xl, prob.w, p)
+        ref = xq.float().double() @ prob.w_dense.T
+        assert fp8_error(out, ref, f"plain {p}") < FP8_REL_FRO[torch.bfloat16]
