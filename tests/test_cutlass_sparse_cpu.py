@@ -200,6 +200,10 @@ def test_built_library_agrees_with_the_python_layout(fresh_module):
     names = cs.configs(torch.float8_e4m3fn) + cs.configs(torch.int8)
     assert names and all(n.split(":")[0] in lib.index for n in names)
     assert all(n.startswith("fp8_bf16_") for n in cs.configs(torch.float8_e4m3fn))
+    for m in (1, 256, 1024, 16384):
+        assert cs.default_config(torch.int8, m) in cs.configs(torch.int8)
+        assert cs.default_config(torch.float8_e4m3fn, m, torch.float16) in cs.configs(torch.float8_e4m3fn, torch.float16)
+    assert not set(cs.plain_configs()) & {n.split(":")[0] for n in names}
     info = cs.config_info(names[0])
     assert info["tile_k"] >= 128 and info["smem_bytes"] > 0 and info["stages"] >= 2
     for n, kp in [(64, 64), (136, 4784), (200, 5376), (8, 28416)]:

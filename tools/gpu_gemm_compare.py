@@ -21,6 +21,11 @@ the unpruned K. Timing: a CUDA graph of --reps back-to-back calls per variant, r
         --presets qwen2.5-7b,llama3.2-1b --m 64,256,1024,4096,16384 --patterns 2_4,2_8 --dtypes fp8,int8
 
 writes OUT.json (every row, the command, versions) and OUT.md (sums over each preset's layers).
+
+    python tools/gpu_gemm_compare.py --merge A.json B.json ... --out results/H200/cutlass/summary
+
+(no GPU needed) writes one cross table of several runs: per preset, dtype and M, the four layers'
+summed times of the dense baseline, ours, and cuSPARSELt with and without the dequant pass.
 """
 
 from __future__ import annotations
@@ -312,7 +317,53 @@ def summarize(rows, cmd, meta) -> str:
     return "\n".join(lines)
 
 
+def merge(paths, out):
+    rows, cmds = [], []
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        rows += d["rows"]
+        cmds.append(d["command"])
+    sums, counts = {}, {}
+    for r in rows:
+        if r["ms"] is None or r["variant"].startswith(("ss:", "plain:")):
+            continue
+        k = (r["preset"], r["dtype"], r["m"], r["pattern"], r["variant"])
+        sums[k] = sums.get(k, 0.0) + r["ms"]
+        counts[k] = counts.get(k, 0) + 1
+    table: dict = {}
+    for k, v in sums.items():
+        if counts[k] == 4:
+            table.setdefault(k[:3], {})[k[3:]] = v
+    cslt = sorted({v for (_, v) in (x for d in table.values() for x in d) if v.startswith("cusparselt")})
+    dq = next((c for c in cslt if c.endswith("+dequant")), None)
+    go = next((c for c in cslt if c.endswith("_gemm_only")), None)
+    lines = ["# SlideSparse CUTLASS sparse GEMM vs the baselines (H200), four layers summed", "",
+             "ms per call (median of CUDA-graph replays), GEMM with its epilogue (scales, bias, bf16 out) unless",
+             "marked GEMM-only. Dense baseline: torch._scaled_mm with fast accumulation for FP8 (vLLM's",
+             "CUTLASS dense was not installed on the host), the project's Triton INT8 GEMM for INT8.", "",
+             "Runs merged:", ""] + [f"- `{c}`" for c in cmds] + ["",
+             "| preset | dtype | M | dense | 2_4 ours | 2_4 cuSPARSELt+dequant | 2_4 cuSPARSELt GEMM-only | "
+             "2_8 ours | 2_8 cuSPARSELt+dequant | 2_8 cuSPARSELt GEMM-only | 2_4 vs dense | 2_8 vs dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for (preset, dt, m), d in sorted(table.items()):
+        dense = d.get(("dense", "vllm_cutlass")) or d.get(("dense", "scaled_mm")) or d.get(("dense", "triton_int8"))
+        o4, o8 = d.get(("2_4", "slidesparse_cutlass")), d.get(("2_8", "slidesparse_cutlass"))
+        ratio = lambda o: "-" if (o is None or dense is None) else f"{dense / o:.3f}x"  # noqa: E731
+        lines.append(f"| {preset} | {dt} | {m} | {fmt(dense)} | {fmt(o4)} | {fmt(d.get(('2_4', dq)))} | "
+                     f"{fmt(d.get(('2_4', go)))} | {fmt(o8)} | {fmt(d.get(('2_8', dq)))} | {fmt(d.get(('2_8', go)))} | "
+                     f"{ratio(o4)} | {ratio(o8)} |")
+    text = "\n".join(lines) + "\n"
+    Path(out).with_suffix(".md").write_text(text)
+    print(text)
+
+
 def main():
+    if "--merge" in sys.argv:
+        i = sys.argv.index("--merge")
+        o = sys.argv.index("--out")
+        paths = [a for a in sys.argv[i + 1:] if not a.startswith("--")][: (o - i - 1) if o > i else None]
+        return merge(paths, sys.argv[o + 1])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output path without extension (writes .json and .md)")
     ap.add_argument("--presets", default="qwen2.5-7b")

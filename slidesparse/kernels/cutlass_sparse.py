@@ -296,15 +296,25 @@ def config_info(name: str) -> dict:
 
 
 def default_config(dtype: torch.dtype, m: int, out_dtype: torch.dtype = torch.bfloat16) -> str:
-    """A reasonable configuration without tuning: stream-K on the 128x64 tile for small M (it
-    fills the SMs when N/128 tiles do not), cooperative 128x256 otherwise (the best at M=16384 on
-    every Qwen2.5-7B layer, results/H200/cutlass/). The tuner measures better."""
+    """A configuration without tuning, by M bucket: the single choice with the smallest mean
+    regret over the Qwen2.5-7B and Llama-3.2-1B layers measured on the H200
+    (results/H200/cutlass/summary.md): ping-pong 64x64 (K 256) up to M=256, cooperative 128x256
+    with the weight tile multicast up to 2048, with the x' tile multicast above. Tuning (per layer
+    and M bucket, over configs()) gains 1-15% on top; the tuner should always measure."""
     names = configs(dtype, out_dtype)
     if not names:
         raise CutlassSparseError(f"no CUTLASS sparse configuration compiled for {dtype} -> {out_dtype}")
     prefix = f"{_CODE_NAME[_IN_CODE[dtype]]}_{_CODE_NAME[_OUT_CODE[out_dtype]]}_"
-    want = prefix + ("streamk_128x64x128_c1x1:streamk" if m <= 256 else "coop_128x256x128_c1x2")
-    return want if want in names else names[0]
+    if m <= 256:
+        want = "pingpong_64x64x256_c1x1:sw2"
+    elif m <= 2048:
+        want = "coop_128x256x128_c1x2:sw2"
+    else:
+        want = "coop_128x256x128_c2x1"
+    for cand in (prefix + want, prefix + "coop_128x256x128_c1x2"):  # fp16 builds have fewer tiles
+        if cand in names:
+            return cand
+    return names[0]
 
 
 # ----------------------------------------------------------------------------- compressed weight
