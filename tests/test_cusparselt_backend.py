@@ -28,11 +28,17 @@ def test_bucket_plan_from_the_tuning_table():
         {"n": 64, "k_lifted": 96, "dtype": "int8", "m_max": 4096, "backend": "sparse", "alg_id": 2, "split_k": 3},
         {"n": 64, "k_lifted": 96, "dtype": "int8", "m_max": 16, "backend": "dense", "alg_id": 0},
         {"n": 64, "k_lifted": 96, "dtype": "fp8_e4m3", "m_max": 16, "backend": "sparse", "alg_id": 1}]})
-    plan = bucket_plan(table, 64, 96, "int8")
-    assert plan == [16, sl.DENSE, 0, 1, 4096, sl.SPARSE, 2, 3]
+    plan, configs = bucket_plan(table, 64, 96, "int8")
+    assert plan == [16, sl.DENSE, 0, 1, 4096, sl.SPARSE, 2, 3] and configs == []
     assert sl.choose(plan, 1) == (sl.DENSE, 0, 1) and sl.choose(plan, 16) == (sl.DENSE, 0, 1)
     assert sl.choose(plan, 17) == (sl.SPARSE, 2, 3) and sl.choose(plan, 10 ** 6) == (sl.SPARSE, 2, 3)
     assert sl.plan_kinds(plan) == {sl.DENSE, sl.SPARSE}
     # an untuned shape, or no table at all: the sparse GEMM with cuSPARSELt's default everywhere
-    assert bucket_plan(table, 64, 96, "bf16") == [] and bucket_plan(None, 64, 96, "int8") == []
+    assert bucket_plan(table, 64, 96, "bf16") == ([], []) and bucket_plan(None, 64, 96, "int8") == ([], [])
+    # cutlass buckets index the layer's list of configuration names
+    cut = TuningTable.from_dict({"format_version": 1, "entries": [
+        {"n": 8, "k_lifted": 12, "dtype": "fp8_e4m3", "m_max": m, "backend": "cutlass", "config": c}
+        for m, c in ((16, "b"), (64, "a"), (256, "b"))]})
+    assert bucket_plan(cut, 8, 12, "fp8_e4m3") == ([16, sl.CUTLASS, 0, 1, 64, sl.CUTLASS, 1, 1,
+                                                    256, sl.CUTLASS, 0, 1], ["b", "a"])
     assert sl.choose([], 5) == (sl.SPARSE, 0, 1) and sl.plan_kinds([]) == {sl.SPARSE}

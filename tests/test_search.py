@@ -31,12 +31,16 @@ def test_tune_reads_a_converted_checkpoint(tmp_path):
 def test_choose_plan_compares_whole_plans():
     from slidesparse.tune.search import choose_plan
     # sparse fused wins everywhere: all sparse (the dequant stays fused into the consumer)
-    assert choose_plan([10, 10, 10], [8, 8, 9], [9, 9, 9.5]) == ["sparse"] * 3
+    assert choose_plan([10, 10, 10], [8, 8, 9], {"sparse": [9, 9, 9.5]}) == ["sparse"] * 3
     # sparse only pays inside a mixed plan at small M: decode sparse, prefill dense
-    assert choose_plan([10, 10, 10], [9, 11, 12], [8, 10.5, 12]) == ["sparse", "dense", "dense"]
+    assert choose_plan([10, 10, 10], [9, 11, 12], {"sparse": [8, 10.5, 12]}) == ["sparse", "dense", "dense"]
     # a small loss at one bucket is worth an all-sparse plan whose fused form wins big elsewhere
-    assert choose_plan([10, 10], [10.2, 6], [10.5, 7]) == ["sparse", "sparse"]
+    assert choose_plan([10, 10], [10.2, 6], {"sparse": [10.5, 7]}) == ["sparse", "sparse"]
     # nothing wins: dense (and equal times keep the simpler, dense plan)
-    assert choose_plan([10, 10], [11, 10], [12, 10]) == ["dense", "dense"]
+    assert choose_plan([10, 10], [11, 10], {"sparse": [12, 10]}) == ["dense", "dense"]
+    # the CUTLASS kernel (scales in its epilogue) at small M, dense at large M
+    assert choose_plan([10, 10], [9.5, 11], {"sparse": [9.8, 11.5], "cutlass": [7, 10.5]}) == ["cutlass", "dense"]
+    # CUTLASS everywhere beats a mix when it wins every bucket
+    assert choose_plan([10, 10], [9, 9], {"sparse": [9.5, 9.5], "cutlass": [8, 8]}) == ["cutlass", "cutlass"]
     # unquantized layers run one eager op at every M: per-bucket choice
     assert choose_plan([10, 10], [9, 11], None) == ["sparse", "dense"]

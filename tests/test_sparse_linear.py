@@ -36,7 +36,9 @@ def _layer(plan, g, sparsity="2_8"):
     layer.ss_w_dense = (torch.randn(N, K, generator=g) * 4).to(torch.float8_e4m3fn)
     layer.ss_w_scale = torch.rand(N, generator=g) + 0.5
     layer.ss_n, layer.ss_k, layer.ss_sparsity, layer.ss_act_dtype = N, K, pat.name, "fp8_e4m3"
-    layer.ss_plan, layer.ss_has_dense = plan, sl.DENSE in sl.plan_kinds(plan)
+    layer.ss_plan, layer.ss_finishes = plan, bool(sl.plan_kinds(plan) & {sl.DENSE, sl.CUTLASS})
+    layer.ss_cw_values = layer.ss_cw_meta = None
+    layer.ss_cw_k, layer.ss_cutlass_configs = 0, ""
     return layer
 
 
@@ -84,3 +86,48 @@ def test_choose_takes_the_first_bucket_that_covers_m():
     assert [sl.choose(plan, m) for m in (1, 16, 17, 256, 257, 4096, 10 ** 7)] == [
         (sl.DENSE, 0, 1), (sl.DENSE, 0, 1), (sl.SPARSE, 3, 1), (sl.SPARSE, 3, 1), (sl.SPARSE, 5, 2),
         (sl.SPARSE, 5, 2), (sl.SPARSE, 5, 2)]
+
+
+def test_traced_cutlass_buckets_finish_the_output_in_their_epilogue(monkeypatch):
+    """A plan with CUTLASS buckets (SlideSparse's kernel, scales and bias in its epilogue): the
+    traced layer hands the codes and token scales to the op, which lifts the codes (no row
+    padding) and returns the finished output; its config list is indexed by the bucket's alg_id."""
+    from slidesparse.kernels import cutlass_sparse as cs
+    _emulated(monkeypatch)
+    seen = []
+
+    def fake_cutlass(x_lifted, w, s_tok, s_ch, bias=None, out_dtype=torch.bfloat16, config=None):
+        seen.append((config, x_lifted.shape[0]))
+        acc = x_lifted.float() @ w.values.float().T  # the test's "compressed" weight is the padded slid one
+        return (acc * s_tok[:, None] * s_ch + bias.float()).to(out_dtype)
+    monkeypatch.setattr(cs, "scaled_sparse_mm", fake_cutlass)
+    g = torch.Generator().manual_seed(7)
+    bias = torch.randn(N, generator=g).bfloat16()
+    layer = _layer([20, sl.CUTLASS, 1, 1, 65536, sl.DENSE, 0, 1], g)
+    layer.ss_cw_values, layer.ss_cw_meta, layer.ss_cw_k = layer.ss_w_compressed, torch.zeros(1, dtype=torch.uint8), \
+        layer.ss_w_compressed.shape[1]
+    layer.ss_cutlass_configs = "cfg_a;cfg_b"
+    f = torch.compile(lambda x: CusparseltBackend().apply(layer, x, bias), dynamic=True, fullgraph=True)
+    for m in (3, 17, 300):
+        x = (torch.randn(m, K, generator=g) * 2).bfloat16()
+        out = f(x)
+        if m <= 20:
+            q, s = quant_slide_ref(x, layer.ss_sparsity, "fp8_e4m3", k_align=cl.K_ALIGN)
+            ref = ((q.float() @ layer.ss_w_compressed.float().T) * s[:, None] * layer.ss_w_scale
+                   + bias.float()).bfloat16()
+        else:
+            ref = _expected(layer, x, bias, dense_bucket=True)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2 ** -7, atol=1e-3)
+    assert seen == [("cfg_b", 3), ("cfg_b", 17)]  # alg_id 1 of the layer's configs; M unpadded
+
+
+def test_cutlass_buckets_fall_back_to_cusparselt_where_the_kernel_cannot_run():
+    from slidesparse.runtime.cusparselt_backend import _cutlass_usable
+    plan = [16, sl.CUTLASS, 0, 1, 4096, sl.SPARSE, 3, 1]
+    fallback = [16, sl.SPARSE, 0, 1, 4096, sl.SPARSE, 3, 1]
+    # no GPU (and no built library) on this machine: the reason is given, the plan keeps its buckets
+    got, why = _cutlass_usable(plan, ["c"], torch.float8_e4m3fn, 64, True)
+    assert got == fallback and why
+    assert _cutlass_usable(plan, ["c"], torch.float8_e4m3fn, 64, False) == (fallback, "it takes FP8 / INT8 activations only")
+    assert _cutlass_usable(plan, ["c"], torch.float8_e4m3fn, 60, True)[1] == "N=60 is not a multiple of 8"
+    assert _cutlass_usable(fallback, [], torch.float8_e4m3fn, 60, True) == (fallback, None)

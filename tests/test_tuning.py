@@ -40,7 +40,7 @@ def test_the_first_tuners_files_still_read():
     (_entry(m_max=-1), "'m_max' must be an integer"),
     (_entry(m_max=1.5), "'m_max' must be an integer"),
     (_entry(n=True), "'n' must be an integer"),
-    (_entry(backend="gpu"), "'backend' must be one of sparse, dense"),
+    (_entry(backend="gpu"), "'backend' must be one of sparse, cutlass, dense"),
     (_entry(dtype="int4"), "'dtype' must be one of"),
     (_entry(us=float("nan")), "'us' must be a non-negative number"),
     (_entry(colour="red"), "unknown key 'colour'"),
@@ -65,3 +65,15 @@ def test_bad_files(tmp_path):
             TuningTable.load(p)
     with pytest.raises(TuningError, match="cannot read"):
         TuningTable.load(tmp_path / "missing.json")
+
+
+def test_cutlass_buckets_name_their_configuration():
+    e = _entry(backend="cutlass", config="fp8_bf16_coop_128x256x128_c2x1:sw2")
+    t = TuningTable.from_dict(_table(e))
+    assert t.entries[0].config == "fp8_bf16_coop_128x256x128_c2x1:sw2"
+    assert TuningTable.from_dict(t.to_dict()) == t
+    for bad, words in ((_entry(backend="cutlass"), "needs a 'config'"),
+                       (_entry(backend="cutlass", config="a; rm -rf"), "needs a 'config'"),
+                       (_entry(config="x"), "'config' belongs to cutlass buckets")):
+        with pytest.raises(TuningError, match=words):
+            TuningTable.from_dict(_table(bad))

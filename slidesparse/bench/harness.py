@@ -81,15 +81,15 @@ def random_weight(n: int, k: int, sparsity: str, dtype: str, gen: torch.Generato
 
 
 def plan_entries(w: SlidWeight, buckets) -> tuple[TuningEntry, ...]:
-    """Tuning entries for `w`'s shape from (m_max, backend, alg_id) triples."""
+    """Tuning entries for `w`'s shape from (m_max, backend, alg_id[, cutlass config]) tuples."""
     kl = w.pattern.lifted_k(w.in_features)
-    return tuple(TuningEntry(n=w.out_features, k_lifted=kl, dtype=w.weight_dtype, m_max=m, backend=b, alg_id=a)
-                 for m, b, a in buckets)
+    return tuple(TuningEntry(n=w.out_features, k_lifted=kl, dtype=w.weight_dtype, m_max=b[0], backend=b[1],
+                             alg_id=b[2], config=b[3] if len(b) > 3 else None) for b in buckets)
 
 
 def prepare(w: SlidWeight, buckets) -> tuple[CusparseltBackend, torch.nn.Module]:
     """The layer exactly as the runtime prepares it for a checkpoint whose tuning table holds
-    `buckets` ((m_max, "sparse" | "dense", alg_id) triples) for its shape."""
+    `buckets` ((m_max, "sparse" | "cutlass" | "dense", alg_id[, config]) tuples) for its shape."""
     backend = CusparseltBackend(TuningTable(entries=plan_entries(w, buckets)))
     layer = torch.nn.Module()
     backend.prepare(layer, w)

@@ -12,8 +12,10 @@ over rounds, the median kept:
     linear        the whole layer, eager (vLLM --enforce-eager)
     traced        the whole layer as vLLM runs it by default: compiled by Inductor between an RMSNorm
                   producer and a residual-add consumer (fusions included), dense and sparse alike
-    traced_in_op  (--forms) a SlideSparse layer whose plan also has dense buckets: its sparse
-                  buckets dequantize inside the op
+    traced_in_op  (--forms in_op) a SlideSparse layer whose plan also has dense buckets: its
+                  cuSPARSELt buckets dequantize inside the op
+    traced_cutlass  (--forms in_op, where the library is built) the same layer on SlideSparse's
+                  CUTLASS kernel (scales and bias in its epilogue), default configuration per M
 
 Baselines: variant "dense" is what users run, vLLM's CUTLASS scaled_mm (kernels/dense.py) when
 vLLM is importable; its `impl` column names the kernel. torch._scaled_mm (FP8) and the Triton INT8
@@ -100,6 +102,10 @@ def prepare_layer(n, k, dtype, sparsities, ms, gen, forms, search_min_m, log):
             layers["traced"] = traced_forward(be, layer)
         if "in_op" in forms:
             layers["traced_in_op"] = traced_forward(*prepare(w, plan + [(MAX_M, "dense", 0)]))
+            from ..kernels import cutlass_sparse as cs
+            if cs.available() and n % cs.N_ALIGN == 0:
+                cut = [(m, "cutlass", 0, cs.default_config(DTYPES[dtype], m)) for m in sorted(ms)]
+                layers["traced_cutlass"] = traced_forward(*prepare(w, cut))
         out["sparse"][sp] = {"w": w, "wc": wc, "algs": algs, "layers": layers}
     return out
 
@@ -154,6 +160,9 @@ def bench_config(preset, layer_name, n, k, m, dtype, prep, rounds, gen, log):
         if "traced_in_op" in d["layers"]:
             variants[(sp, "traced_in_op")] = ((lambda f=d["layers"]["traced_in_op"]: f(x, residual)),
                                               "inductor(rmsnorm+quant)+lift_codes+cusparselt+dequant+add")
+        if "traced_cutlass" in d["layers"]:
+            variants[(sp, "traced_cutlass")] = ((lambda f=d["layers"]["traced_cutlass"]: f(x, residual)),
+                                                "inductor(rmsnorm+quant)+lift_codes+slidesparse_cutlass(epilogue)+add")
 
     times: dict[tuple[str, str], list[float]] = {key: [] for key in variants}
     keys = list(variants)

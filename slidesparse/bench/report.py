@@ -41,15 +41,16 @@ def _index(rows):
 def summed_speedup(rows, preset, m, dtype, sparsity, part="linear"):
     """sum over the preset's four shapes of dense time / the same sum for the sparsity.
 
-    part "tuned": per shape the fastest traced form the tuner can choose (all-sparse, a sparse
-    bucket of a mixed plan, or dense), against the dense traced layer."""
+    part "tuned": per shape the fastest traced form the tuner can choose (all-cuSPARSELt, a
+    cuSPARSELt bucket of a mixed plan, the CUTLASS kernel, or dense), against the dense traced layer."""
     t = _index(rows)
     layers = LAYERS  # all four, or no sum: a partial sum would flatter or hide a shape
     try:
         if part == "tuned":
             d = sum(t[(preset, ly, m, dtype, "dense", "traced")]["ms"] for ly in layers)
             s = sum(min([t[(preset, ly, m, dtype, "dense", "traced")]["ms"]]
-                        + [t[(preset, ly, m, dtype, sparsity, p)]["ms"] for p in ("traced", "traced_in_op")
+                        + [t[(preset, ly, m, dtype, sparsity, p)]["ms"]
+                           for p in ("traced", "traced_in_op", "traced_cutlass")
                            if (preset, ly, m, dtype, sparsity, p) in t])
                     for ly in layers)
             return d / s

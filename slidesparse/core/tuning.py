@@ -6,8 +6,10 @@ writes one entry per bucket. The runtime picks, for a call with M rows, the entr
 smallest m_max >= M (the last bucket also covers larger M). A checkpoint without entries runs the
 sparse path with cuSPARSELt's default algorithm everywhere.
 
-    backend "sparse"  the lifted 2:4 GEMM (cuSPARSELt) with algorithm alg_id and split_k
-            "dense"   the dense GEMM of the dtype on the unslid weight (then kept in memory too)
+    backend "sparse"   the lifted 2:4 GEMM, cuSPARSELt, with algorithm alg_id and split_k
+            "cutlass"  the lifted 2:4 GEMM, SlideSparse's CUTLASS kernel (csrc/) with the scales and
+                       the bias in its epilogue, configuration `config`
+            "dense"    the dense GEMM of the dtype on the unslid weight (then kept in memory too)
 
 The table is validated once, when it is read: a bad file fails with one line naming the entry.
 """
@@ -24,7 +26,8 @@ from .io import atomic_write
 from .quant import DTYPES
 
 TUNING_VERSION = 1
-BACKENDS = ("sparse", "dense")
+BACKENDS = ("sparse", "cutlass", "dense")
+MAX_CONFIG = 200          # characters of a CUTLASS configuration name
 MAX_ALG_ID = 255          # cuSPARSELt 0.8 has a few tens of configurations per problem
 MAX_SPLIT_K = 64
 MAX_M = 1 << 24
@@ -55,6 +58,7 @@ class TuningEntry:
     us: float | None = None          # measured time of what was chosen (microseconds)
     us_sparse: float | None = None
     us_dense: float | None = None
+    config: str | None = None        # the CUTLASS configuration of a "cutlass" bucket
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "TuningEntry":
@@ -69,6 +73,14 @@ class TuningEntry:
         backend = d.get("backend")
         if backend not in BACKENDS:
             raise TuningError(f"{where}: 'backend' must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        config = d.get("config")
+        if backend == "cutlass":
+            if not isinstance(config, str) or not 0 < len(config) <= MAX_CONFIG or not all(
+                    c.isalnum() or c in "_:x" for c in config):
+                raise TuningError(f"{where}: a cutlass bucket needs a 'config' name (letters, digits, '_', ':'), "
+                                  f"got {config!r}")
+        elif config is not None:
+            raise TuningError(f"{where}: 'config' belongs to cutlass buckets, not {backend!r}")
         measured = {}
         for key in _MEASURED:
             v = d.get(key)
@@ -79,10 +91,10 @@ class TuningEntry:
         return cls(n=_int(d, "n", 1, MAX_M, where), k_lifted=_int(d, "k_lifted", 1, MAX_M, where), dtype=dtype,
                    m_max=_int(d, "m_max", 1, MAX_M, where), backend=backend,
                    alg_id=_int(d, "alg_id", 0, MAX_ALG_ID, where, 0),
-                   split_k=_int(d, "split_k", 1, MAX_SPLIT_K, where, 1), **measured)
+                   split_k=_int(d, "split_k", 1, MAX_SPLIT_K, where, 1), config=config, **measured)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None or k not in _MEASURED}
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in _MEASURED + ("config",)}
 
 
 @dataclass(frozen=True)

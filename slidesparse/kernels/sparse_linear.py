@@ -5,17 +5,19 @@ CUDA-graph capture: no host sync, allocations only from torch's caching allocato
 A layer's GEMM choice is its bucket plan, a flat int list of (m_max, kind, alg_id, split_k)
 quadruples in ascending m_max: a call with M rows runs the first bucket with m_max >= M (the last
 one also covers larger M); an empty plan runs the sparse GEMM with algorithm 0 everywhere.
-kind SPARSE is the lifted 2:4 GEMM (cuSPARSELt), DENSE the dense GEMM of the dtype with the
-scales in its epilogue (kernels/dense.py) on the unslid weight.
+kind SPARSE is the lifted 2:4 GEMM on cuSPARSELt (alg_id, split_k), CUTLASS the lifted 2:4 GEMM on
+SlideSparse's CUTLASS kernel (kernels/cutlass_sparse.py; alg_id indexes the layer's `cutlass_configs`,
+a ';'-joined list of configuration names) with the scales and the bias in its epilogue, DENSE the
+dense GEMM of the dtype with the scales in its epilogue (kernels/dense.py) on the unslid weight.
 
     slidesparse::sparse_linear(x, ...)            eager: one op for the whole layer
     slidesparse::sparse_mm(codes, ...)            traced, every bucket sparse: lift + GEMM -> unscaled
                                                   accumulator; the caller's dequant, written in torch
                                                   ops, is fused by Inductor into the consumer
-    slidesparse::sparse_linear_codes(codes, ...)  traced, some bucket dense: codes and token scales in,
-                                                  the finished output out (a dense bucket's scales sit
-                                                  in the CUTLASS epilogue; a sparse bucket dequantizes
-                                                  in a pass of its own)
+    slidesparse::sparse_linear_codes(codes, ...)  traced, some bucket dense or CUTLASS: codes and token
+                                                  scales in, the finished output out (dense and CUTLASS
+                                                  buckets apply the scales in their epilogues; a
+                                                  cuSPARSELt bucket dequantizes in a pass of its own)
 
 In the traced forms the caller quantizes x in torch ops in x's shape (core.quant.quantize_rows),
 which Inductor fuses into the op that produced x, as it does for vLLM's own per-token quantization.
@@ -28,11 +30,11 @@ import torch
 from ..core.pattern import Pattern, parse_pattern
 from ..core.quant import DTYPES
 
-SPARSE, DENSE = 0, 1
-KINDS = {"sparse": SPARSE, "dense": DENSE}
+SPARSE, DENSE, CUTLASS = 0, 1, 2
+KINDS = {"sparse": SPARSE, "dense": DENSE, "cutlass": CUTLASS}
 
-__all__ = ["SPARSE", "DENSE", "KINDS", "choose", "plan_kinds", "linear_eager", "mm_lifted",
-           "linear_from_codes", "acc_dtype"]
+__all__ = ["SPARSE", "DENSE", "CUTLASS", "KINDS", "choose", "plan_kinds", "linear_eager", "mm_lifted",
+           "cutlass_lifted", "linear_from_codes", "acc_dtype"]
 
 
 def choose(plan: list[int], m: int) -> tuple[int, int, int]:
@@ -59,9 +61,27 @@ def _pattern(sparsity: str) -> Pattern:
     return parse_pattern(sparsity)
 
 
+def _cutlass_weight(values, meta, n: int, k: int):
+    from .cutlass_sparse import CompressedWeight
+    return CompressedWeight(values=values, meta=meta, n=n, k=k)
+
+
+def cutlass_lifted(codes: torch.Tensor, s_tok: torch.Tensor, cw_values: torch.Tensor, cw_meta: torch.Tensor,
+                   cw_k: int, w_scale: torch.Tensor, bias: torch.Tensor | None, n: int, sparsity: str, config: str,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """codes [M, K] (1-byte, in x's shape) -> the finished output [M, N]: lift the codes (no row
+    padding: the kernel takes any M), then the CUTLASS kernel with scales and bias in its epilogue."""
+    from . import cutlass_sparse as cs
+    from .quant_slide import lift_codes
+    x_lifted = lift_codes(codes, _pattern(sparsity), cs.K_ALIGN, 1, impl="triton" if codes.is_cuda else "torch")
+    return cs.scaled_sparse_mm(x_lifted, _cutlass_weight(cw_values, cw_meta, n, cw_k), s_tok.contiguous(), w_scale,
+                               None if bias is None else bias.to(out_dtype).contiguous(), out_dtype, config)
+
+
 def linear_eager(x: torch.Tensor, w_compressed: torch.Tensor | None, w_scale: torch.Tensor | None,
                  bias: torch.Tensor | None, w_dense: torch.Tensor | None, n: int, sparsity: str,
-                 act_dtype: str, plan: list[int]) -> torch.Tensor:
+                 act_dtype: str, plan: list[int], cw_values: torch.Tensor | None = None,
+                 cw_meta: torch.Tensor | None = None, cw_k: int = 0, cutlass_configs: str = "") -> torch.Tensor:
     """x [..., K] -> [..., N] in x.dtype: the Triton quant+slide, the cuSPARSELt GEMM and the Triton
     dequant+bias for a sparse bucket; quantization and the dense GEMM for a dense one."""
     from . import cusparselt as cl
@@ -76,7 +96,13 @@ def linear_eager(x: torch.Tensor, w_compressed: torch.Tensor | None, w_scale: to
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
     kind, alg, split_k = choose(plan, m)
-    if kind == DENSE:
+    if kind == CUTLASS:
+        from . import cutlass_sparse as cs
+        xq, s_tok = quant_slide(x2, pat, act_dtype, k_align=cs.K_ALIGN)  # quantized and lifted in one pass
+        out = cs.scaled_sparse_mm(xq, _cutlass_weight(cw_values, cw_meta, n, cw_k), s_tok, w_scale,
+                                  None if bias is None else bias.to(x.dtype).contiguous(), x.dtype,
+                                  cutlass_configs.split(";")[alg])
+    elif kind == DENSE:
         if not act_dtype:
             out = torch.nn.functional.linear(x2.to(w_dense.dtype), w_dense,
                                              None if bias is None else bias.to(w_dense.dtype))
@@ -114,7 +140,8 @@ def mm_lifted(codes: torch.Tensor, w_compressed: torch.Tensor, n: int, sparsity:
 
 def linear_from_codes(codes: torch.Tensor, s_tok: torch.Tensor, w_compressed: torch.Tensor | None,
                       w_scale: torch.Tensor, bias: torch.Tensor | None, w_dense: torch.Tensor | None, n: int,
-                      sparsity: str, plan: list[int], out_dtype: torch.dtype) -> torch.Tensor:
+                      sparsity: str, plan: list[int], out_dtype: torch.dtype, cw_values: torch.Tensor | None = None,
+                      cw_meta: torch.Tensor | None = None, cw_k: int = 0, cutlass_configs: str = "") -> torch.Tensor:
     """codes [M, K], s_tok [M] -> the finished output [M, N] in out_dtype."""
     from .dense import dense_scaled_mm
     from .dequant import dequant
@@ -122,6 +149,9 @@ def linear_from_codes(codes: torch.Tensor, s_tok: torch.Tensor, w_compressed: to
     kind, alg, split_k = choose(plan, m)
     if kind == DENSE:
         return dense_scaled_mm(codes, w_dense, s_tok, w_scale, bias, out_dtype)
+    if kind == CUTLASS:
+        return cutlass_lifted(codes, s_tok, cw_values, cw_meta, cw_k, w_scale, bias, n, sparsity,
+                              cutlass_configs.split(";")[alg], out_dtype)
     acc = mm_lifted(codes, w_compressed, n, sparsity, alg, split_k)
     return dequant(acc, s_tok, w_scale, bias, out_dtype, m=m, n=n, impl="triton" if codes.is_cuda else "torch")
 
@@ -131,12 +161,15 @@ def linear_from_codes(codes: torch.Tensor, s_tok: torch.Tensor, w_compressed: to
 @torch.library.custom_op("slidesparse::sparse_linear", mutates_args=())
 def sparse_linear(x: torch.Tensor, w_compressed: torch.Tensor | None, w_scale: torch.Tensor | None,
                   bias: torch.Tensor | None, w_dense: torch.Tensor | None, n: int, sparsity: str,
-                  act_dtype: str, plan: list[int]) -> torch.Tensor:
-    return linear_eager(x, w_compressed, w_scale, bias, w_dense, n, sparsity, act_dtype, plan)
+                  act_dtype: str, plan: list[int], cw_values: torch.Tensor | None, cw_meta: torch.Tensor | None,
+                  cw_k: int, cutlass_configs: str) -> torch.Tensor:
+    return linear_eager(x, w_compressed, w_scale, bias, w_dense, n, sparsity, act_dtype, plan, cw_values, cw_meta,
+                        cw_k, cutlass_configs)
 
 
 @sparse_linear.register_fake
-def _(x, w_compressed, w_scale, bias, w_dense, n, sparsity, act_dtype, plan):
+def _(x, w_compressed, w_scale, bias, w_dense, n, sparsity, act_dtype, plan, cw_values, cw_meta, cw_k,
+      cutlass_configs):
     return x.new_empty(*x.shape[:-1], n)
 
 
@@ -158,10 +191,13 @@ def _(codes, w_compressed, n, sparsity, plan):
 @torch.library.custom_op("slidesparse::sparse_linear_codes", mutates_args=())
 def sparse_linear_codes(codes: torch.Tensor, s_tok: torch.Tensor, w_compressed: torch.Tensor | None,
                         w_scale: torch.Tensor, bias: torch.Tensor | None, w_dense: torch.Tensor | None, n: int,
-                        sparsity: str, plan: list[int], out_dtype: torch.dtype) -> torch.Tensor:
-    return linear_from_codes(codes, s_tok, w_compressed, w_scale, bias, w_dense, n, sparsity, plan, out_dtype)
+                        sparsity: str, plan: list[int], out_dtype: torch.dtype, cw_values: torch.Tensor | None,
+                        cw_meta: torch.Tensor | None, cw_k: int, cutlass_configs: str) -> torch.Tensor:
+    return linear_from_codes(codes, s_tok, w_compressed, w_scale, bias, w_dense, n, sparsity, plan, out_dtype,
+                             cw_values, cw_meta, cw_k, cutlass_configs)
 
 
 @sparse_linear_codes.register_fake
-def _(codes, s_tok, w_compressed, w_scale, bias, w_dense, n, sparsity, plan, out_dtype):
+def _(codes, s_tok, w_compressed, w_scale, bias, w_dense, n, sparsity, plan, out_dtype, cw_values, cw_meta, cw_k,
+      cutlass_configs):
     return codes.new_empty(codes.shape[0], n, dtype=out_dtype)

@@ -33,12 +33,43 @@ from ..kernels.reference import dequant_ref
 from .backend import Backend, BackendError, SlidWeight
 
 
-def bucket_plan(table: TuningTable | None, n: int, k_lifted: int, dtype: str) -> list[int]:
-    """The flat (m_max, kind, alg_id, split_k) plan of one layer shape (kernels/sparse_linear.py)."""
+def bucket_plan(table: TuningTable | None, n: int, k_lifted: int, dtype: str) -> tuple[list[int], list[str]]:
+    """The flat (m_max, kind, alg_id, split_k) plan of one layer shape (kernels/sparse_linear.py),
+    and the CUTLASS configurations its cutlass buckets index (their alg_id)."""
     plan: list[int] = []
+    configs: list[str] = []
     for e in (table.buckets(n, k_lifted, dtype) if table is not None else ()):
-        plan += [e.m_max, sl.KINDS[e.backend], e.alg_id, e.split_k]
-    return plan
+        alg = e.alg_id
+        if e.backend == "cutlass":
+            if e.config not in configs:
+                configs.append(e.config)
+            alg = configs.index(e.config)
+        plan += [e.m_max, sl.KINDS[e.backend], alg, e.split_k]
+    return plan, configs
+
+
+def _cutlass_usable(plan: list[int], configs: list[str], dtype: torch.dtype, n: int,
+                    quantized: bool) -> tuple[list[int], str | None]:
+    """Cutlass buckets whose kernel cannot run here (library not built or loadable, a configuration
+    it lacks, unquantized activations, N not a multiple of 8) fall back to cuSPARSELt's default,
+    with the reason; the plan is otherwise unchanged."""
+    from ..kernels import cutlass_sparse as cs
+    kinds = plan[1::4]
+    if sl.CUTLASS not in kinds:
+        return plan, None
+    why = ("it takes FP8 / INT8 activations only" if not quantized else
+           f"N={n} is not a multiple of {cs.N_ALIGN}" if n % cs.N_ALIGN else cs.why_unavailable())
+    if why is None:
+        have = set(cs.configs(dtype))
+        missing = [c for c in configs if c not in have]
+        why = f"configuration {missing[0]} is not in this build" if missing else None
+    if why is None:
+        return plan, None
+    plan = list(plan)
+    for i in range(1, len(plan), 4):
+        if plan[i] == sl.CUTLASS:
+            plan[i: i + 3] = [sl.SPARSE, 0, 1]
+    return plan, why
 
 
 def _check_algs(plan: list[int], wc: torch.Tensor, n: int, k_lifted: int, act_dtype: str | None,
@@ -87,7 +118,7 @@ class CusparseltBackend(Backend):
 
     def __init__(self, tuning: TuningTable | None = None):
         self.tuning = tuning
-        self._warned: set[tuple[int, int]] = set()   # untuned shapes already warned about, per model
+        self._warned: set[tuple] = set()   # warnings already given (untuned shapes, ...), per model
 
     def prepare(self, layer: torch.nn.Module, w: SlidWeight) -> None:
         from ..kernels import cusparselt as cl
@@ -100,7 +131,12 @@ class CusparseltBackend(Backend):
         if tuple(w.slid.shape) != (n, k_lifted):
             raise BackendError(f"slid weight has shape {tuple(w.slid.shape)}, expected ({n}, {k_lifted}) for "
                                f"K={k} and {w.pattern.name}")
-        plan = bucket_plan(self.tuning, n, k_lifted, w.weight_dtype)
+        plan, configs = bucket_plan(self.tuning, n, k_lifted, w.weight_dtype)
+        plan, why = _cutlass_usable(plan, configs, DTYPES[w.weight_dtype], n, w.act_dtype is not None)
+        if why and ("cutlass", why) not in self._warned:
+            self._warned.add(("cutlass", why))
+            warnings.warn(f"slidesparse: the tuning table asks for SlideSparse's CUTLASS kernel, which cannot run "
+                          f"here ({why}); those buckets use cuSPARSELt")
         if self.tuning is not None and not plan and (n, k_lifted) not in self._warned:
             self._warned.add((n, k_lifted))
             warnings.warn(f"slidesparse: the tuning file has no entry for N={n} K'={k_lifted} ({w.weight_dtype}); "
@@ -108,7 +144,10 @@ class CusparseltBackend(Backend):
                           f"`slidesparse tune CKPT --tp T` with the tensor-parallel size you serve with")
         kinds = sl.plan_kinds(plan)
         scale = w.scale.to(device=w.slid.device, dtype=torch.float32).contiguous() if w.scale is not None else None
-        w_dense = wc = None
+        w_dense = wc = cw = None
+        if sl.CUTLASS in kinds:
+            from ..kernels import cutlass_sparse as cs
+            cw = cs.compress(w.slid)
         if sl.DENSE in kinds:
             # through float32: fp8 has no comparison kernels on CUDA (unslide normalises -0.0)
             w_dense = unslide(w.slid.float(), w.pattern, k).to(w.slid.dtype).contiguous()
@@ -120,25 +159,33 @@ class CusparseltBackend(Backend):
         layer.register_buffer("ss_w_compressed", wc, persistent=False)
         layer.register_buffer("ss_w_dense", w_dense, persistent=False)
         layer.register_buffer("ss_w_scale", scale, persistent=False)
+        layer.register_buffer("ss_cw_values", None if cw is None else cw.values, persistent=False)
+        layer.register_buffer("ss_cw_meta", None if cw is None else cw.meta, persistent=False)
+        layer.ss_cw_k = 0 if cw is None else cw.k
+        layer.ss_cutlass_configs = ";".join(configs)
         # plain attributes: apply() passes them to the ops as constants, so the schema stays static
         layer.ss_n, layer.ss_k, layer.ss_sparsity = n, k, w.pattern.name
         layer.ss_act_dtype = w.act_dtype or ""
         layer.ss_plan = plan
-        layer.ss_has_dense = sl.DENSE in kinds
+        # a dense or CUTLASS bucket finishes the output inside the op (scales in its epilogue)
+        layer.ss_finishes = bool(kinds & {sl.DENSE, sl.CUTLASS})
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         n, act = layer.ss_n, layer.ss_act_dtype
         if not act or not torch.compiler.is_compiling():
             return torch.ops.slidesparse.sparse_linear(x, layer.ss_w_compressed, layer.ss_w_scale, bias,
-                                                       layer.ss_w_dense, n, layer.ss_sparsity, act, layer.ss_plan)
+                                                       layer.ss_w_dense, n, layer.ss_sparsity, act, layer.ss_plan,
+                                                       layer.ss_cw_values, layer.ss_cw_meta, layer.ss_cw_k,
+                                                       layer.ss_cutlass_configs)
         x2 = x.reshape(-1, layer.ss_k)
         # the codes keep x's shape (no lift, no row padding), so Inductor writes them from the
         # kernel that reduces the row; the ops lift and pad them only where a sparse GEMM runs
         codes, s_tok = quantize_rows(x2, act)
-        if layer.ss_has_dense:
+        if layer.ss_finishes:
             out = torch.ops.slidesparse.sparse_linear_codes(codes, s_tok, layer.ss_w_compressed, layer.ss_w_scale,
                                                             bias, layer.ss_w_dense, n, layer.ss_sparsity,
-                                                            layer.ss_plan, x.dtype)
+                                                            layer.ss_plan, x.dtype, layer.ss_cw_values,
+                                                            layer.ss_cw_meta, layer.ss_cw_k, layer.ss_cutlass_configs)
         else:
             acc = torch.ops.slidesparse.sparse_mm(codes, layer.ss_w_compressed, n, layer.ss_sparsity, layer.ss_plan)
             out = dequant_ref(acc[:, :n], s_tok, layer.ss_w_scale, bias, x.dtype)

@@ -47,35 +47,62 @@ def checkpoint_shapes(ckpt: Path, tp: int = 1) -> tuple[SlideSparseConfig, list[
     return cfg, shapes
 
 
-def choose_plan(t_dense: list[float], t_sparse: list[float], t_sparse_in_op: list[float] | None) -> list[str]:
-    """The backend of every M bucket from the three measured forms of a layer (traced by
-    torch.compile, as vLLM runs it):
+def choose_plan(t_dense: list[float], t_sparse: list[float], in_op: dict[str, list[float]] | None) -> list[str]:
+    """The backend of every M bucket from the measured forms of a layer (traced by torch.compile,
+    as vLLM runs it):
 
-        t_dense         every bucket dense: vLLM's CUTLASS GEMM, scales in its epilogue
-        t_sparse        every bucket sparse: the lifted GEMM, its dequant fused into the consumer
-        t_sparse_in_op  a sparse bucket of a plan that also has dense buckets: the traced graph
-                        cannot branch on M, so such a layer's op returns finished outputs and its
-                        sparse buckets pay a dequant pass of their own
+        t_dense           every bucket dense: vLLM's CUTLASS GEMM, scales in its epilogue
+        t_sparse          every bucket cuSPARSELt: the lifted GEMM, its dequant fused into the consumer
+        in_op["sparse"]   a cuSPARSELt bucket of a plan that also has dense or CUTLASS buckets: the
+                          traced graph cannot branch on M, so such a layer's op returns finished
+                          outputs and its cuSPARSELt buckets pay a dequant pass of their own
+        in_op["cutlass"]  a bucket on SlideSparse's CUTLASS kernel (scales in its epilogue)
 
-    The candidates are all-dense, all-sparse, and the mix that takes the faster of t_dense and
-    t_sparse_in_op per bucket; the one with the smallest mean time relative to dense over the
-    buckets wins (ties: the simpler plan). None for t_sparse_in_op (an unquantized layer, which
+    The candidates are all-dense, all-cuSPARSELt, all-CUTLASS, and the mix that takes the fastest
+    finishing form per bucket; the one with the smallest mean time relative to dense over the
+    buckets wins (ties: the simpler plan, in that order). in_op None (an unquantized layer, which
     runs one eager op whatever its buckets) means each bucket takes the faster of the two."""
     nb = len(t_dense)
-    if t_sparse_in_op is None:
+    if in_op is None:
         return ["sparse" if s <= d else "dense" for d, s in zip(t_dense, t_sparse)]
-    mixed = ["sparse" if a < d else "dense" for d, a in zip(t_dense, t_sparse_in_op)]
-    cands = [["dense"] * nb, ["sparse"] * nb]
-    if "sparse" in mixed and "dense" in mixed:
+    finishing = {"dense": t_dense, **in_op}
+    cands = [["dense"] * nb, ["sparse"] * nb] + [[k] * nb for k in in_op if k != "sparse"]
+    mixed = [min(finishing, key=lambda k: finishing[k][i]) for i in range(nb)]
+    if mixed not in cands:
         cands.append(mixed)
 
     def cost(plan):
-        if "dense" not in plan:
-            times = t_sparse
-        else:
-            times = [d if b == "dense" else a for b, d, a in zip(plan, t_dense, t_sparse_in_op)]
+        times = t_sparse if set(plan) == {"sparse"} else [finishing[b][i] for i, b in enumerate(plan)]
         return sum(t / d for t, d in zip(times, t_dense)) / nb
-    return min(cands, key=cost)  # min keeps the first of equals: dense, then all-sparse
+    return min(cands, key=cost)  # min keeps the first of equals
+
+
+def best_cutlass_configs(w, buckets, gen) -> list[str] | None:
+    """Per bucket, the fastest compiled configuration of SlideSparse's CUTLASS kernel (each base
+    configuration and the untuned default, timed alone on lifted codes), or None where the kernel
+    cannot run here."""
+    from ..bench.harness import graph_time_ms
+    from ..kernels import cutlass_sparse as cs
+    from ..kernels.quant_slide import quant_slide
+    dt = DTYPES[w.weight_dtype]
+    if w.act_dtype is None or not cs.available() or w.out_features % cs.N_ALIGN:
+        return None
+    cw = cs.compress(w.slid)
+    names = [c for c in cs.configs(dt) if ":" not in c]
+    best = []
+    for m in buckets:
+        xq, s = quant_slide(torch.randn(m, w.in_features, device="cuda", generator=gen).bfloat16(), w.pattern,
+                            w.act_dtype, k_align=cs.K_ALIGN)
+        cands = list(dict.fromkeys(names + [cs.default_config(dt, m)]))
+        t = {}
+        for c in cands:
+            try:
+                t[c] = graph_time_ms(lambda c=c: cs.scaled_sparse_mm(xq, cw, s, w.scale, None, torch.bfloat16, c),
+                                     target_ms=2.0, replays=3)
+            except RuntimeError:  # a configuration that cannot run this problem (e.g. its split)
+                continue
+        best.append(min(t, key=t.get))
+    return best
 
 
 def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds: int = 2,
@@ -107,6 +134,9 @@ def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds
     plans = {"dense": DENSE_EVERYWHERE, "sparse": sparse_plan}
     if act:
         plans["sparse_in_op"] = sparse_plan + [(MAX_M, "dense", 0)]
+        cut = best_cutlass_configs(w, buckets, gen)
+        if cut is not None:
+            plans["cutlass"] = [(m, "cutlass", 0, c) for m, c in zip(buckets, cut)]
     make = traced_forward if act else eager_forward
     fns = {}
     for name, plan in plans.items():
@@ -124,14 +154,22 @@ def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds
         med["dense"] = [dense_cache[(n, k, wdt, m)] for m in buckets]
     elif dense_cache is not None:
         dense_cache.update({(n, k, wdt, m): t for m, t in zip(buckets, med["dense"])})
-    chosen = choose_plan(med["dense"], med["sparse"], med.get("sparse_in_op"))
-    sparse_form = med["sparse"] if "dense" not in chosen or not act else med["sparse_in_op"]
+    in_op = {k: med[v] for k, v in (("sparse", "sparse_in_op"), ("cutlass", "cutlass")) if v in med} if act else None
+    chosen = choose_plan(med["dense"], med["sparse"], in_op)
+    all_sparse = set(chosen) == {"sparse"}
+
+    def form_time(backend: str, i: int) -> float:
+        if backend == "sparse":   # fused dequant only in an all-cuSPARSELt plan
+            return med["sparse" if all_sparse or not act else "sparse_in_op"][i]
+        return med[backend][i]
     entries = []
     for i, (m, alg, backend) in enumerate(zip(buckets, algs, chosen)):
-        t_s, t_d = sparse_form[i], med["dense"][i]
-        entries.append(TuningEntry(n=n, k_lifted=pat.lifted_k(k), dtype=wdt, m_max=m, backend=backend, alg_id=alg,
-                                   us=round(1000 * (t_s if backend == "sparse" else t_d), 2),
-                                   us_sparse=round(1000 * t_s, 2), us_dense=round(1000 * t_d, 2)))
+        t_s = min(form_time(b, i) for b in ("sparse", "cutlass") if b in med)
+        entries.append(TuningEntry(n=n, k_lifted=pat.lifted_k(k), dtype=wdt, m_max=m, backend=backend,
+                                   alg_id=alg if backend == "sparse" else 0,
+                                   config=plans["cutlass"][i][3] if backend == "cutlass" else None,
+                                   us=round(1000 * form_time(backend, i), 2), us_sparse=round(1000 * t_s, 2),
+                                   us_dense=round(1000 * med["dense"][i], 2)))
     return entries
 
 
@@ -151,13 +189,17 @@ def tune_checkpoints(ckpts: list[Path], buckets=M_BUCKETS, progress=None, tp: in
             if progress:
                 progress(done, total, f"{ckpt.name}: N={n} K={k}")
         table = TuningTable(device=torch.cuda.get_device_name(), tensor_parallel_size=tp, entries=tuple(entries),
-                            library=f"cuSPARSELt {torch.backends.cusparselt.version()} (torch {torch.__version__}); "
-                                    f"dense: {_dense_kernel_name(cfg)}")
+                            library=_libraries(cfg))
         table.save(ckpt / TUNING_FILE)
         out.append(ckpt / TUNING_FILE)
     return out
 
 
-def _dense_kernel_name(cfg: SlideSparseConfig) -> str:
+def _libraries(cfg: SlideSparseConfig) -> str:
+    """What the table was measured with: the libraries and the dense kernel it was compared with."""
+    from ..kernels import cutlass_sparse as cs
     from ..kernels.dense import dense_kernel
-    return dense_kernel(cfg.activation_dtype) if cfg.activation_dtype else "torch linear"
+    dense = dense_kernel(cfg.activation_dtype) if cfg.activation_dtype else "torch linear"
+    cut = cs.build_info() if cs.available() else f"not available ({cs.why_unavailable()})"
+    return (f"cuSPARSELt {torch.backends.cusparselt.version()} (torch {torch.__version__}); "
+            f"SlideSparse CUTLASS: {cut}; dense: {dense}")

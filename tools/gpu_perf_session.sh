@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The performance session on the GPU host, as one background run (after the vLLM bundle is
+# installed: /tmp/site/env.sh exists; docs/gpu-host.md):
+#
+#   setsid nohup bash tools/gpu_perf_session.sh > /root/session.out 2>&1 < /dev/null &
+#
+# Stages (STAGES, default all, in this order): tests (tests/gpu, with vLLM importable so the dense
+# buckets and baselines run vLLM's CUTLASS kernel) while the CPU makes the model and converts the
+# variants; tune (every SlideSparse variant in one `slidesparse tune`, the dense timings shared);
+# e2e (`slidesparse bench e2e --matrix`: one vLLM engine per variant, prefill and decode points);
+# bench (`slidesparse bench kernel`). Everything lands in $RES (default /root/res), each stage in its
+# own log; $RES/session.log says where it is. Re-running skips finished work (converted models,
+# tuned tables, finished e2e points).
+#
+# Environment: PRESET (qwen2.5-7b), VARIANTS (fp8,2_8-fp8,2_4-fp8,int8,2_8-int8), PREFILL_M
+# (16384), DECODE_M (256), MODELS (/root/models), RES (/root/res), BENCH_M (256,16384).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RES=${RES:-/root/res}
+MODELS=${MODELS:-/root/models}
+PRESET=${PRESET:-qwen2.5-7b}
+VARIANTS=${VARIANTS:-fp8,2_8-fp8,2_4-fp8,int8,2_8-int8}
+STAGES=${STAGES:-tests tune e2e bench}
+mkdir -p "$RES" "$MODELS"
+source /tmp/site/env.sh
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
+  || python3 -m pip install -q --no-deps --no-build-isolation -e .
+ss() { python3 -m slidesparse.cli "$@"; }
+say() { echo "$(date -u +%H:%M:%S) $*" | tee -a "$RES/session.log"; }
+base=$MODELS/$PRESET
+ckpt() {  # the checkpoint folder of a variant, named as the e2e matrix driver names it
+  case $1 in fp8|int8) echo "$MODELS/$PRESET-w8a8-$1";; *-*) echo "$MODELS/$PRESET-SlideSparse-${1%-*}-${1#*-}";; esac
+}
+sparse_ckpts=()
+for v in ${VARIANTS//,/ }; do case $v in 2_*) sparse_ckpts+=("$(ckpt "$v")");; esac; done
+
+say "session: $PRESET [$VARIANTS], stages: $STAGES"
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader | tee -a "$RES/session.log"
+python3 -c 'import torch, triton, vllm; print("torch", torch.__version__, "triton", triton.__version__, "vllm", vllm.__version__, "cusparselt", torch.backends.cusparselt.version())' | tee -a "$RES/session.log"
+
+# the model and its variants, on the CPU, while the GPU runs the tests
+(
+  [ -f "$base/config.json" ] || ss make-model --preset "$PRESET" --out "$base" --overwrite
+  for v in ${VARIANTS//,/ }; do
+    d=$(ckpt "$v"); [ -f "$d/config.json" ] && continue
+    case $v in
+      fp8|int8) ss convert "$base" "$d" --sparsity none --format compressed-tensors --dtype "$v" --overwrite & ;;
+      *-*)      ss convert "$base" "$d" --sparsity "${v%-*}" --dtype "${v#*-}" --overwrite & ;;
+    esac
+  done
+  wait
+) > "$RES/prepare.log" 2>&1 &
+prep=$!
+say "preparing checkpoints in the background (prepare.log)"
+
+if [[ " $STAGES " == *" tests "* ]]; then
+  say "tests/gpu"
+  timeout 900 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -ra --junitxml="$RES/gpu_tests_junit.xml" \
+    > "$RES/gpu_tests.log" 2>&1
+  say "tests/gpu: $(tail -n 1 "$RES/gpu_tests.log")"
+fi
+wait $prep
+say "checkpoints ready: $(ls "$MODELS" | tr '\n' ' ')"
+df -h "$MODELS" | tail -1 | tee -a "$RES/session.log"
+
+if [[ " $STAGES " == *" tune "* ]] && [ ${#sparse_ckpts[@]} -gt 0 ]; then
+  say "tune ${#sparse_ckpts[@]} checkpoints"
+  ( time ss tune "${sparse_ckpts[@]}" ) > "$RES/tune.log" 2>&1
+  mkdir -p "$RES/tuning"
+  for d in "${sparse_ckpts[@]}"; do cp "$d/slidesparse_tuning.json" "$RES/tuning/$(basename "$d").json" 2>/dev/null; done
+  say "tune: $(grep -c wrote "$RES/tune.log") written, $(grep real "$RES/tune.log")"
+fi
+
+if [[ " $STAGES " == *" e2e "* ]]; then
+  say "e2e matrix"
+  ss bench e2e --matrix --models "$PRESET" --variants "$VARIANTS" --prefill-m "${PREFILL_M:-16384}" \
+    --decode-m "${DECODE_M:-256}" --ckpt-dir "$MODELS" --out "$RES/e2e_matrix" ${E2E_ARGS:-} > "$RES/e2e.log" 2>&1
+  say "e2e: exit $?"
+fi
+
+if [[ " $STAGES " == *" bench "* ]]; then
+  say "kernel bench"
+  timeout -s INT -k 20 ${BENCH_TIMEOUT:-420} ss bench kernel --presets "$PRESET" --m "${BENCH_M:-256,16384}" \
+    --dtypes fp8_e4m3,int8 --sparsities 2_4,2_8 --rounds 2 --forms eager,traced,in_op --out "$RES/kernel_bench" \
+    > "$RES/bench.log" 2>&1
+  say "bench: exit $?"
+fi
+say "session done"
