@@ -384,3 +384,32 @@ def test_tuner_measures_the_runtime_layer_and_its_plan_runs():
         norm = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
         exact = ref.linear_ref(norm, q, w.scale, None, "fp8_e4m3", compute_dtype=torch.float64)
         assert _rel(f(x, res), exact) < 6e-3, m
+
+
+@pytest.mark.parametrize("wdtype", ("int8", "fp8_e4m3"))
+@pytest.mark.parametrize("L", ("2_4", "2_8", "2_10"))
+def test_cutlass_buckets_through_the_runtime(L, wdtype):
+    """Buckets on SlideSparse's CUTLASS kernel (scales and bias in its epilogue) beside a
+    cuSPARSELt bucket and a dense one, eager and compiled, against the float64 layer."""
+    from slidesparse.kernels import cutlass_sparse as cs
+    if not cs.available():
+        pytest.skip(f"SlideSparse's CUTLASS library is not available here: {cs.why_unavailable()}")
+    n, k = 3072, 2048
+    kl = parse_pattern(L).lifted_k(k)
+    dt = DTYPES[wdtype]
+    tuning = TuningTable.from_dict({"format_version": 1, "entries": [
+        {"n": n, "k_lifted": kl, "dtype": wdtype, "m_max": 16, "backend": "cutlass", "config": cs.default_config(dt, 16)},
+        {"n": n, "k_lifted": kl, "dtype": wdtype, "m_max": 64, "backend": "sparse", "alg_id": 0},
+        {"n": n, "k_lifted": kl, "dtype": wdtype, "m_max": 4096, "backend": "cutlass",
+         "config": cs.default_config(dt, 4096)},
+        {"n": n, "k_lifted": kl, "dtype": wdtype, "m_max": 65536, "backend": "dense", "alg_id": 0}]})
+    be, layer, q, scale, bias, act = _backend_layer(n, k, L, wdtype, 97, tuning=tuning)
+    assert layer.ss_cw_values is not None and layer.ss_w_compressed is not None and layer.ss_w_dense is not None
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: be.apply(layer, x, bias), dynamic=True, fullgraph=True)
+    for m in (5, 16, 40, 1000, 5000):
+        x = _x(m, k, 101 + m)
+        exact = ref.linear_ref(x, q, scale, bias, act, compute_dtype=torch.float64)
+        for out in (be.apply(layer, x, bias), f(x)):
+            assert out.shape == (m, n) and bool(torch.isfinite(out).all())
+            assert _rel(out, exact) < 6e-3, m
