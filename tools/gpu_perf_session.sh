@@ -13,7 +13,8 @@
 # tuned tables, finished e2e points).
 #
 # Environment: PRESET (qwen2.5-7b), VARIANTS (fp8,2_8-fp8,2_4-fp8,int8,2_8-int8), PREFILL_M
-# (16384), DECODE_M (256), MODELS (/root/models), RES (/root/res), BENCH_M (256,16384).
+# (16384), DECODE_M (256), TUNE_M (64,256,2048,16384), MODELS (/root/models), RES (/root/res),
+# BENCH_M (256,16384); SLIDESPARSE_CUTLASS_LIB points at the CUTLASS library if it is not in build/csrc/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES=${RES:-/root/res}
@@ -56,7 +57,7 @@ say "preparing checkpoints in the background (prepare.log)"
 
 if [[ " $STAGES " == *" tests "* ]]; then
   say "tests/gpu"
-  timeout 900 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -ra --junitxml="$RES/gpu_tests_junit.xml" \
+  timeout ${TEST_TIMEOUT:-420} python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -ra --junitxml="$RES/gpu_tests_junit.xml" \
     > "$RES/gpu_tests.log" 2>&1
   say "tests/gpu: $(tail -n 1 "$RES/gpu_tests.log")"
 fi
@@ -66,7 +67,7 @@ df -h "$MODELS" | tail -1 | tee -a "$RES/session.log"
 
 if [[ " $STAGES " == *" tune "* ]] && [ ${#sparse_ckpts[@]} -gt 0 ]; then
   say "tune ${#sparse_ckpts[@]} checkpoints"
-  ( time ss tune "${sparse_ckpts[@]}" ) > "$RES/tune.log" 2>&1
+  ( time ss tune "${sparse_ckpts[@]}" --m "${TUNE_M:-64,256,2048,16384}" ) > "$RES/tune.log" 2>&1
   mkdir -p "$RES/tuning"
   for d in "${sparse_ckpts[@]}"; do cp "$d/slidesparse_tuning.json" "$RES/tuning/$(basename "$d").json" 2>/dev/null; done
   say "tune: $(grep -c wrote "$RES/tune.log") written, $(grep real "$RES/tune.log")"
