@@ -20,22 +20,25 @@ N, K = 64, 96
 
 
 def _emulated(monkeypatch):
+    # like cuSPARSELt's, the result has the weight's rows padded to N_ALIGN (here: zero columns)
     monkeypatch.setattr(cl, "sparse_mm", lambda wc, xq, out_dtype, alg_id=0, split_k=1, n=None:
-                        (xq.float() @ wc.float().T).to(out_dtype))
+                        torch.nn.functional.pad(xq.float() @ wc.float().T, (0, (n or wc.shape[0]) - wc.shape[0]))
+                        .to(out_dtype))
     monkeypatch.setattr(dense, "dense_scaled_mm", lambda q, w, s_tok, s_ch, bias, out_dtype, kernel=None:
-                        ((q.float() @ w.float().T) * s_tok[:, None] * s_ch + bias.float()).to(out_dtype))
+                        ((q.float() @ w.float().T) * s_tok[:, None] * s_ch
+                         + (0.0 if bias is None else bias.float())).to(out_dtype))
 
 
-def _layer(plan, g, sparsity="2_8"):
+def _layer(plan, g, sparsity="2_8", n=N, k=K):
     """A layer as CusparseltBackend.prepare leaves it (the compressed weight stood in by the
     padded slid weight, which the emulated GEMM multiplies)."""
     pat = parse_pattern(sparsity)
-    kl = pat.lifted_k(K) + (-pat.lifted_k(K)) % cl.K_ALIGN
+    kl = pat.lifted_k(k) + (-pat.lifted_k(k)) % cl.K_ALIGN
     layer = torch.nn.Module()
-    layer.ss_w_compressed = (torch.randn(N, kl, generator=g) * 4).to(torch.float8_e4m3fn)
-    layer.ss_w_dense = (torch.randn(N, K, generator=g) * 4).to(torch.float8_e4m3fn)
-    layer.ss_w_scale = torch.rand(N, generator=g) + 0.5
-    layer.ss_n, layer.ss_k, layer.ss_sparsity, layer.ss_act_dtype = N, K, pat.name, "fp8_e4m3"
+    layer.ss_w_compressed = (torch.randn(n, kl, generator=g) * 4).to(torch.float8_e4m3fn)
+    layer.ss_w_dense = (torch.randn(n, k, generator=g) * 4).to(torch.float8_e4m3fn)
+    layer.ss_w_scale = torch.rand(n, generator=g) + 0.5
+    layer.ss_n, layer.ss_k, layer.ss_sparsity, layer.ss_act_dtype = n, k, pat.name, "fp8_e4m3"
     layer.ss_plan, layer.ss_finishes = plan, bool(sl.plan_kinds(plan) & {sl.DENSE, sl.CUTLASS})
     layer.ss_cw_values = layer.ss_cw_meta = None
     layer.ss_cw_k, layer.ss_cutlass_configs = 0, ""
@@ -131,3 +134,18 @@ def test_cutlass_buckets_fall_back_to_cusparselt_where_the_kernel_cannot_run():
     assert _cutlass_usable(plan, ["c"], torch.float8_e4m3fn, 64, False) == (fallback, "it takes FP8 / INT8 activations only")
     assert _cutlass_usable(plan, ["c"], torch.float8_e4m3fn, 60, True)[1] == "N=60 is not a multiple of 8"
     assert _cutlass_usable(fallback, [], torch.float8_e4m3fn, 60, True) == (fallback, None)
+
+
+def test_the_harness_compiles_as_many_layers_as_a_tuning_run_needs(monkeypatch):
+    """bench/harness.traced_forward compiles one small function per layer and plan; a tuning run
+    makes dozens, past dynamo's default recompile limit (8), which under fullgraph=True is a hard
+    failure (every `slidesparse tune` failed that way on the GPU host before the limit was raised)."""
+    from slidesparse.bench.harness import traced_forward
+    _emulated(monkeypatch)
+    g = torch.Generator().manual_seed(9)
+    for i in range(12):  # layer shapes and plans differ, as in a tuning run: each one a recompile
+        n, k = 32 + 8 * i, 96 + 16 * i
+        layer = _layer([] if i % 2 else [20 + i, sl.DENSE, 0, 1], g, n=n, k=k)
+        f = traced_forward(CusparseltBackend(), layer)
+        out = f(torch.randn(5, k, generator=g).bfloat16(), torch.zeros(5, n, dtype=torch.bfloat16))
+        assert out.shape == (5, n) and bool(torch.isfinite(out.float()).all())

@@ -82,7 +82,7 @@ fi
 
 if [[ " $STAGES " == *" bench "* ]]; then
   say "kernel bench"
-  timeout -s INT -k 20 ${BENCH_TIMEOUT:-420} ss bench kernel --presets "$PRESET" --m "${BENCH_M:-256,16384}" \
+  timeout -s INT -k 20 ${BENCH_TIMEOUT:-420} python3 -m slidesparse.cli bench kernel --presets "$PRESET" --m "${BENCH_M:-256,16384}" \
     --dtypes fp8_e4m3,int8 --sparsities 2_4,2_8 --rounds 2 --forms eager,traced,in_op --out "$RES/kernel_bench" \
     > "$RES/bench.log" 2>&1
   say "bench: exit $?"

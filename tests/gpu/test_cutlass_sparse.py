@@ -51,9 +51,10 @@ def _available():
 FP8, INT8 = torch.float8_e4m3fn, torch.int8
 FP8_MAX = 448.0
 # FP8 band: relative Frobenius error against the float64 math on the same FP8 operands. The output
-# rounding alone gives ~1.1e-3 in bf16 (~1.4e-4 in fp16); fast accumulation adds a little. A wrong
-# index, metadata nibble or scale gives errors of order 1.
-FP8_REL_FRO = {torch.bfloat16: 3e-3, torch.float16: 1.5e-3}
+# rounding alone gives ~1.1e-3 in bf16 (~1.4e-4 in fp16); fast accumulation adds a little, more with
+# a long K (3.3e-3 seen once on Qwen2.5-7B's down_proj, K'=28416, bf16, on the H200, 2026-12-01). A
+# wrong index, metadata nibble or scale gives errors of order 1.
+FP8_REL_FRO = {torch.bfloat16: 5e-3, torch.float16: 2.5e-3}
 
 
 def _presets():
