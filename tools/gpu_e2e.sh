@@ -6,6 +6,8 @@
 #            the same per-channel/per-token scheme) | 2_4-fp8 | 2_8-fp8 | 2_8-int8 | ...  (first = baseline)
 # SlideSparse checkpoints are tuned (slidesparse tune) right after conversion, as a user would.
 # Models are random-weight, real-shape (slidesparse make-model); weights do not change speed.
+# One `vllm bench throughput` process per variant and workload. For every M in one engine per
+# variant (the prefill/decode matrix, resumable), use tools/gpu_e2e_matrix.sh.
 set -euo pipefail
 preset=$1 out=$2 workload=$3; shift 3
 source /tmp/site/env.sh

@@ -52,11 +52,20 @@ def parse_variant(spec: str) -> Variant:
 
 def command(v: Variant, wl: str, out_json: str, vllm: str = "vllm") -> list[str]:
     w = WORKLOADS[wl]
-    return [vllm, "bench", "throughput", "--model", v.model, "--dataset-name", "random",
-            "--random-input-len", str(w["input_len"]), "--random-output-len", str(w["output_len"]),
-            "--num-prompts", str(w["num_prompts"]), "--max-num-batched-tokens", str(w["max_batched"]),
-            "--max-model-len", str(w["input_len"] + w["output_len"] + 16),
-            "--output-json", out_json, *v.extra]
+    return bench_command(v.model, w["input_len"], w["output_len"], w["num_prompts"], w["max_batched"],
+                         w["input_len"] + w["output_len"] + 16, out_json, vllm, v.extra)
+
+
+def bench_command(model: str, input_len: int, output_len: int, num_prompts: int, max_batched: int,
+                  max_model_len: int, out_json: str, vllm: str | list[str] = "vllm",
+                  extra: tuple[str, ...] = ()) -> list[str]:
+    """`vllm bench throughput` on the random dataset (also the matrix driver's cross-check).
+    `vllm` is the executable, or an argv prefix such as [python, -m, vllm.entrypoints.cli.main]."""
+    # the random dataset ignores --input-len / --output-len: its own flags carry the lengths
+    return [*([vllm] if isinstance(vllm, str) else vllm), "bench", "throughput", "--model", model,
+            "--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+            "--num-prompts", str(num_prompts), "--max-num-batched-tokens", str(max_batched),
+            "--max-model-len", str(max_model_len), "--output-json", out_json, *extra]
 
 
 def run_one(v: Variant, wl: str, timeout: float, vllm: str = "vllm", log_dir: Path | None = None) -> dict:

@@ -1,0 +1,350 @@
+"""One vLLM engine for one (model, variant) of the end-to-end matrix; started by e2e_matrix.
+
+    python -m slidesparse.bench.e2e_worker SPEC.json --msg-fd FD
+
+Loads the checkpoint once (weights, torch.compile, CUDA-graph capture: paid here, excluded from
+every point), then measures each point of SPEC and sends one JSON line per event on FD:
+{"event": "ready", ...}, {"event": "start", "phase", "m"}, {"event": "point", "record": {...}},
+{"event": "error", ...}. vLLM's own logs go to stdout/stderr, which the driver keeps in a file.
+
+How a point is measured
+-----------------------
+prefill M: every engine step runs exactly M new prompt tokens: M/P prompts of P tokens each
+(P = min(M, prefill_len)), one output token each. decode M: M sequences of a short prompt, each
+generating T tokens: one prefill step, then T-1 steps of exactly M sequences.
+
+The per-step time is a difference of two runs, s1 and s2 steps (prefill) or T1 and T2 tokens
+(decode): t(s2) - t(s1) over s2 - s1 steps. What both runs share (request set-up, the prefill
+step of a decode run, the pipeline filling and draining) cancels. The pair is repeated and the
+median kept; the spread is recorded.
+
+Every run is checked against vLLM's own statistics (Prometheus, through LLM.get_metrics()):
+the iteration-tokens histogram (one observation per engine step: prompt tokens computed + tokens
+generated) must have gained exactly the planned steps, in the planned buckets, with the planned
+sum; the prompt and generation token counters the planned totals; no preemption.
+
+Two things the stock scheduler does not do are needed for steps of exactly M tokens inside one
+engine, so the engine runs SweepScheduler: vLLM's own scheduler (AsyncScheduler when async
+scheduling is on, as by default) with two changes that only affect which requests enter a step,
+never how a step runs:
+  1. the token budget of a step (stock: max_num_batched_tokens, fixed at start-up) is taken from
+     the run's requests (SamplingParams.extra_args), so one engine sweeps M; the step then
+     schedules exactly what a stock engine started with max_num_batched_tokens=M would;
+  2. a run's requests are held until all of them have reached the scheduler: requests arrive one
+     by one from the front-end process, and a stock scheduler would start a partial first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import traceback
+
+SWEEP_KEY = "slidesparse_sweep"   # SamplingParams.extra_args key: {"run": id, "n": requests, "budget": tokens}
+
+
+# ---------------------------------------------------------------- the scheduler (engine-core process)
+
+def _sweep_subclass(base):
+    class _Sweep(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._sweep_default_budget = self.max_num_scheduled_tokens
+            self._sweep_arrived: dict = {}
+
+        def add_request(self, request) -> None:
+            tag = _tag(request)
+            if tag is not None:
+                self._sweep_arrived[tag["run"]] = self._sweep_arrived.get(tag["run"], 0) + 1
+            super().add_request(request)
+
+        def schedule(self, *args, **kwargs):
+            if self.waiting:
+                tag = _tag(self.waiting.peek_request())
+                if tag is None:
+                    self.max_num_scheduled_tokens = self._sweep_default_budget
+                elif self._sweep_arrived.get(tag["run"], 0) < tag["n"]:
+                    self.max_num_scheduled_tokens = 0      # hold: an empty step until the run is complete
+                else:
+                    self.max_num_scheduled_tokens = min(tag["budget"] or self._sweep_default_budget,
+                                                        self._sweep_default_budget)
+            return super().schedule(*args, **kwargs)
+
+    _Sweep.__name__ = _Sweep.__qualname__ = f"Sweep{base.__name__}"
+    return _Sweep
+
+
+def _tag(request):
+    sp = getattr(request, "sampling_params", None)
+    extra = getattr(sp, "extra_args", None) or {}
+    return extra.get(SWEEP_KEY)
+
+
+class SweepScheduler:
+    """vLLM builds its scheduler as scheduler_cls(vllm_config=..., ...); this returns an instance of
+    a subclass of the class vLLM would have used itself (async scheduling resolved by then)."""
+
+    def __new__(cls, *args, **kwargs):
+        vllm_config = kwargs["vllm_config"]
+        if vllm_config.scheduler_config.async_scheduling:
+            from vllm.v1.core.sched.async_scheduler import AsyncScheduler as base
+        else:
+            from vllm.v1.core.sched.scheduler import Scheduler as base
+        return _sweep_subclass(base)(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- metrics
+
+HIST = "vllm:iteration_tokens_total"
+
+
+def _metrics(llm) -> dict:
+    """The counters and the iteration-tokens histogram, summed over engines/labels."""
+    from vllm.v1.metrics.reader import Counter, Histogram
+    out = {"prompt": 0, "generation": 0, "preemptions": 0, "hist_count": 0, "hist_sum": 0.0, "buckets": {}}
+    names = {"vllm:prompt_tokens": "prompt", "vllm:prompt_tokens_total": "prompt",
+             "vllm:generation_tokens": "generation", "vllm:generation_tokens_total": "generation",
+             "vllm:num_preemptions": "preemptions", "vllm:num_preemptions_total": "preemptions"}
+    for m in llm.get_metrics():
+        if isinstance(m, Counter) and m.name in names:
+            out[names[m.name]] += m.value
+        elif isinstance(m, Histogram) and m.name == HIST:
+            out["hist_count"] += m.count
+            out["hist_sum"] += m.sum
+            for le, c in m.buckets.items():
+                out["buckets"][le] = out["buckets"].get(le, 0) + c
+    return out
+
+
+def _bucket_of(value: float, bounds: list[float]) -> str:
+    for b in bounds:
+        if value <= b:
+            return _le(b)
+    return "+Inf"
+
+
+def _le(b: float) -> str:
+    return "+Inf" if b == float("inf") else repr(float(b))
+
+
+def check_steps(before: dict, after: dict, expected_steps: list[int], prompt_tokens: int,
+                generated: int) -> dict:
+    """Compare the metrics' change over one run with the steps it should have run.
+
+    expected_steps: the iteration-tokens observation of every step (prompt tokens computed in the
+    step + tokens generated in it). Returns {"ok": bool, "problems": [...], ...}."""
+    problems = []
+    d = {k: after[k] - before[k] for k in ("prompt", "generation", "preemptions", "hist_count", "hist_sum")}
+    if d["hist_count"] != len(expected_steps):
+        problems.append(f"{d['hist_count']} engine steps, expected {len(expected_steps)}")
+    if abs(d["hist_sum"] - sum(expected_steps)) > 0.5:
+        problems.append(f"{d['hist_sum']:.0f} tokens in the steps, expected {sum(expected_steps)}")
+    if d["prompt"] != prompt_tokens:
+        problems.append(f"{d['prompt']} prompt tokens, expected {prompt_tokens}")
+    if d["generation"] != generated:
+        problems.append(f"{d['generation']} generated tokens, expected {generated}")
+    if d["preemptions"]:
+        problems.append(f"{d['preemptions']} preemptions")
+    # the histogram is cumulative: per-bucket counts are differences of neighbouring bounds
+    bounds = sorted(float(k) for k in after["buckets"])
+    def per_bucket(snap):
+        cum = [snap["buckets"].get(_le(b), 0) for b in bounds]
+        return {_le(b): c - (cum[i - 1] if i else 0) for i, (b, c) in enumerate(zip(bounds, cum))}
+    got_b = {k: v - per_bucket(before).get(k, 0) for k, v in per_bucket(after).items()}
+    want_b: dict = {}
+    for s in expected_steps:
+        k = _bucket_of(s, bounds)
+        want_b[k] = want_b.get(k, 0) + 1
+    got_b = {k: v for k, v in got_b.items() if v}
+    if got_b != want_b:
+        problems.append(f"steps per histogram bucket {got_b}, expected {want_b}")
+    return {"ok": not problems, "problems": problems, "steps": d["hist_count"], "step_tokens_sum": d["hist_sum"]}
+
+
+# ---------------------------------------------------------------- runs
+
+class Sweep:
+    def __init__(self, llm, spec: dict):
+        import numpy as np
+        self.llm, self.spec = llm, spec
+        self.engine = llm.llm_engine
+        self.vocab = llm.llm_engine.model_config.get_vocab_size()
+        self.rng = np.random.default_rng(spec.get("seed", 0))
+        self.run_id = 0
+
+    def _prompts(self, n: int, length: int) -> list[dict]:
+        # fresh random tokens every run: no prefix-cache hits (the checks would see them)
+        ids = self.rng.integers(10, self.vocab - 10, size=(n, length))
+        return [{"prompt_token_ids": row.tolist()} for row in ids]
+
+    def _run(self, n: int, length: int, max_tokens: int, budget: int | None) -> float:
+        from vllm import SamplingParams
+        self.run_id += 1
+        tag = {"run": f"{os.getpid()}-{self.run_id}", "n": n, "budget": budget}
+        sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args={SWEEP_KEY: tag})
+        for i, p in enumerate(self._prompts(n, length)):
+            self.engine.add_request(f"s{self.run_id}-{i}", p, sp)
+        t0 = time.perf_counter()
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+        return time.perf_counter() - t0
+
+    def _checked_run(self, n, length, max_tokens, budget, expected_steps, checks):
+        before = _metrics(self.llm)
+        t = self._run(n, length, max_tokens, budget)
+        c = check_steps(before, _metrics(self.llm), expected_steps, n * length, n * max_tokens)
+        checks.append(c)
+        return t
+
+    def prefill(self, m: int) -> dict:
+        p = min(m, self.spec["prefill_len"])
+        k = m // p
+        if k * p != m:
+            raise ValueError(f"prefill M={m} is not a multiple of the prompt length {p}")
+
+        def run(steps, checks):
+            return self._checked_run(steps * k, p, 1, m, [m + k] * steps, checks)
+        return self._measure("prefill", m, run, s1=2, seqs=k, prompt_len=p)
+
+    def decode(self, m: int) -> dict:
+        pd = self.spec["decode_prompt_len"]
+
+        def run(steps, checks):
+            # `steps` decode steps: T = steps + 1 output tokens (the first comes from the prefill step)
+            return self._checked_run(m, pd, steps + 1, None, [m * pd + m] + [m] * steps, checks)
+        return self._measure("decode", m, run, s1=self.spec["decode_warm_steps"], seqs=m, prompt_len=pd,
+                             fixed_delta=self.spec["decode_steps"])
+
+    def _measure(self, phase, m, run, s1, seqs, prompt_len, fixed_delta=None) -> dict:
+        checks: list = []
+        warm = run(s1 + 2, checks)                     # warm-up at this shape, and a first step-time estimate
+        if fixed_delta:
+            delta = fixed_delta
+        else:
+            est = max(warm / (s1 + 2), 1e-6)
+            delta = max(2, min(self.spec["max_steps"], -(-self.spec["min_window_s"] // est)))
+            delta = int(delta)
+        per_step, t1s, t2s = [], [], []
+        for _ in range(self.spec["repeats"]):
+            t1 = run(s1, checks)
+            t2 = run(s1 + delta, checks)
+            t1s.append(t1)
+            t2s.append(t2)
+            per_step.append((t2 - t1) / delta)
+        bad = [p for c in checks if not c["ok"] for p in c["problems"]]
+        med = statistics.median(per_step)
+        rec = {"phase": phase, "m": m, "seqs_per_step": seqs, "prompt_len": prompt_len,
+               "steps_short": s1, "steps_long": s1 + delta, "step_s": med, "step_s_all": per_step,
+               "run_s_short": t1s, "run_s_long": t2s,
+               "spread": (max(per_step) - min(per_step)) / med if med > 0 else None,
+               "checked_runs": len(checks), "steps_checked": sum(c["steps"] for c in checks)}
+        if phase == "decode":
+            rec["context"] = [prompt_len + s1 + 1, prompt_len + s1 + delta + 1]
+        if bad:
+            rec.update(ok=False, error_kind="step_check",
+                       error="tokens per step differ from the plan (vLLM metrics): " + "; ".join(sorted(set(bad)))[:600])
+        elif med <= 0:
+            rec.update(ok=False, error_kind="timing", error=f"non-positive step time {med!r}")
+        else:
+            rec.update(ok=True, tok_s=m / med)
+        return rec
+
+
+# ---------------------------------------------------------------- main
+
+def _watch_parent() -> None:
+    """If the driver dies (kill -9), take this engine's whole process group down with it rather than
+    keep the GPU busy: the group is this worker and vLLM's engine-core process."""
+    parent = os.getppid()
+
+    def loop():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os.killpg(0, 9)
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def engine_kwargs(spec: dict) -> dict:
+    decode_ms = [p["m"] for p in spec["points"] if p["phase"] == "decode"]
+    prefill_ms = [p["m"] for p in spec["points"] if p["phase"] == "prefill"]
+    pl, pd = spec["prefill_len"], spec["decode_prompt_len"]
+    max_len = max([min(m, pl) + 1 for m in prefill_ms]
+                  + [pd + spec["decode_warm_steps"] + spec["decode_steps"] + 2 for _ in decode_ms[:1]] + [64])
+    kw = dict(model=spec["model"], seed=0, disable_log_stats=False,
+              max_model_len=-(-max_len // 16) * 16 + 16,
+              max_num_batched_tokens=max(prefill_ms + [m * (pd + 1) for m in decode_ms] + [max_len]),
+              max_num_seqs=max(decode_ms + [m // min(m, pl) for m in prefill_ms] + [1]),
+              scheduler_cls="slidesparse.bench.e2e_worker.SweepScheduler")
+    if spec.get("stock_scheduler"):
+        # diagnostic (and the test that the step checks can fail): vLLM's own scheduler, whose
+        # steps take whatever has arrived up to max_num_batched_tokens
+        del kw["scheduler_cls"]
+    if not spec.get("enforce_eager"):
+        # capture only the batch sizes the decode points run (vLLM's default is ~50 sizes up to 512)
+        kw["compilation_config"] = {"cudagraph_capture_sizes": sorted(set(decode_ms)) or [1]}
+    else:
+        kw["enforce_eager"] = True
+    kw.update(spec.get("engine_args") or {})
+    return kw
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("spec")
+    ap.add_argument("--msg-fd", type=int, required=True)
+    a = ap.parse_args(argv)
+    spec = json.loads(open(a.spec).read())
+    msg = os.fdopen(a.msg_fd, "w", buffering=1)
+
+    def send(**kw):
+        msg.write(json.dumps(kw) + "\n")
+        msg.flush()
+
+    _watch_parent()
+    t0 = time.perf_counter()
+    kw = engine_kwargs(spec)
+    try:
+        from vllm import LLM
+        llm = LLM(**kw)
+    except BaseException as e:  # noqa: BLE001 - reported to the driver, which records it
+        traceback.print_exc()
+        send(event="error", where="startup", error=f"{type(e).__name__}: {e}"[:2000])
+        return 1
+    import vllm
+    send(event="ready", startup_s=time.perf_counter() - t0, engine_args={k: v for k, v in kw.items() if k != "model"},
+         vllm=vllm.__version__, kv_cache_tokens=_kv_tokens(llm))
+    sweep = Sweep(llm, spec)
+    for p in spec["points"]:
+        send(event="start", phase=p["phase"], m=p["m"])
+        t = time.perf_counter()
+        try:
+            rec = sweep.prefill(p["m"]) if p["phase"] == "prefill" else sweep.decode(p["m"])
+        except BaseException as e:  # noqa: BLE001 - a dead engine cannot go on; the driver restarts it
+            traceback.print_exc()
+            send(event="error", where="point", phase=p["phase"], m=p["m"], error=f"{type(e).__name__}: {e}"[:2000])
+            return 1
+        rec["point_s"] = time.perf_counter() - t
+        send(event="point", record=rec)
+    send(event="done")
+    del llm
+    gc.collect()
+    return 0
+
+
+def _kv_tokens(llm):
+    try:
+        cfg = llm.llm_engine.vllm_config.cache_config
+        return int(cfg.num_gpu_blocks * cfg.block_size)
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
