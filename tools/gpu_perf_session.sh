@@ -14,7 +14,8 @@
 #
 # Environment: PRESET (qwen2.5-7b), VARIANTS (fp8,2_8-fp8,2_4-fp8,int8,2_8-int8), PREFILL_M
 # (16384), DECODE_M (256), TUNE_M (64,256,2048,16384), MODELS (/root/models), RES (/root/res),
-# BENCH_M (256,16384); SLIDESPARSE_CUTLASS_LIB points at the CUTLASS library if it is not in build/csrc/.
+# BENCH_M (256,16384), BENCH_FORMS (eager,traced,in_op), BENCH_ROUNDS (2), TEST_TIMEOUT (420 s),
+# BENCH_TIMEOUT (420 s); SLIDESPARSE_COMMIT names the commit of a copy without git; SLIDESPARSE_CUTLASS_LIB points at the CUTLASS library if it is not in build/csrc/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES=${RES:-/root/res}
@@ -83,7 +84,7 @@ fi
 if [[ " $STAGES " == *" bench "* ]]; then
   say "kernel bench"
   timeout -s INT -k 20 ${BENCH_TIMEOUT:-420} python3 -m slidesparse.cli bench kernel --presets "$PRESET" --m "${BENCH_M:-256,16384}" \
-    --dtypes fp8_e4m3,int8 --sparsities 2_4,2_8 --rounds 2 --forms eager,traced,in_op --out "$RES/kernel_bench" \
+    --dtypes fp8_e4m3,int8 --sparsities 2_4,2_8 --rounds "${BENCH_ROUNDS:-2}" --forms "${BENCH_FORMS:-eager,traced,in_op}" --out "$RES/kernel_bench" \
     > "$RES/bench.log" 2>&1
   say "bench: exit $?"
 fi

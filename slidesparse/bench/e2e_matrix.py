@@ -568,6 +568,9 @@ def _code_version() -> dict:
                                     capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
+    if commit is None and os.environ.get("SLIDESPARSE_COMMIT"):
+        # a copy without git (the GPU host gets `git archive` of a commit): the sender names it
+        commit, dirty = os.environ["SLIDESPARSE_COMMIT"], False
     return {"commit": commit, "dirty": dirty}
 
 
