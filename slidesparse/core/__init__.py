@@ -8,5 +8,6 @@
     layout       model layout: architectures, projections, the ignore rule, vLLM's fused per-rank shapes
     tuning       the tuning table (slidesparse_tuning.json) as a typed, validated object
     io           atomic file writes
+    text         calibration / evaluation text: reading, tokenizing, fixed windows
     errors       SlideSparseError, the base of every bad-input error
 """

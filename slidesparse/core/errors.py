@@ -5,3 +5,10 @@ FormatError, CheckpointError, TuningError, ConvertError, ...)."""
 
 class SlideSparseError(ValueError):
     """Bad input (a file, a flag, a checkpoint); the message is one complete line for the user."""
+
+
+def shown(value, limit: int = 60) -> str:
+    """repr(value) as quoted in a message, cut short: a value from a hostile file may be huge, and
+    a message stays one readable line."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."

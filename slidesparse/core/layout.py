@@ -18,7 +18,7 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
-from .errors import SlideSparseError
+from .errors import SlideSparseError, shown
 
 # projections SlideSparse converts, by block and module name in Llama / Qwen2 / BitNet checkpoints
 BLOCKS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
@@ -27,7 +27,15 @@ TARGET_MODULES = BLOCKS["self_attn"] + BLOCKS["mlp"]
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 ROW_PARALLEL = ("o_proj", "down_proj")
 
-_PROJ = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
+# ASCII digits only (\d would take any Unicode digit), matched with fullmatch ($ allows a trailing newline)
+_PROJ = re.compile(r"model\.layers\.([0-9]+)\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+_LAYER = re.compile(r"model\.layers\.([0-9]+)\.")
+
+# Limits on config.json values, far above any real model (Llama 3.1 405B: 126 layers, hidden 16384,
+# vocab 128256) and low enough that nothing sized from a hostile config.json can exhaust memory
+# before the tensors that must match it are checked.
+MAX_LAYERS = 4096
+MAX_DIM = 1 << 24
 
 
 class LayoutError(SlideSparseError):
@@ -50,23 +58,76 @@ ARCHS = {
 
 
 def detect(config: dict) -> Arch:
-    archs = config.get("architectures") or []
+    archs = config.get("architectures")
+    if archs is None:
+        archs = []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise LayoutError(f"config.json: 'architectures' must be a list of class names, got {shown(archs)}")
     for a in archs:
         if a in ARCHS:
             return ARCHS[a]
-    what = ", ".join(archs) if archs else f"model_type {config.get('model_type')!r} (no 'architectures')"
+    what = (", ".join(map(shown, archs[:4])) + (", ..." if len(archs) > 4 else "") if archs
+            else f"model_type {shown(config.get('model_type'))} (no 'architectures')")
     raise LayoutError(f"unsupported architecture {what}: supported are {', '.join(ARCHS)}")
 
 
-def _cfg_int(config: dict, key: str) -> int:
+def _cfg_int(config: dict, key: str, optional: bool = False) -> int | None:
     v = config.get(key)
-    if not isinstance(v, int) or v <= 0:
-        raise LayoutError(f"config.json: {key!r} missing or not a positive integer (got {v!r})")
+    if v is None and optional:
+        return None
+    limit = MAX_LAYERS if key == "num_hidden_layers" else MAX_DIM
+    # type(v) is int: JSON true/false arrive as bools, which isinstance(v, int) accepts
+    if type(v) is not int or not 0 < v <= limit:
+        raise LayoutError(f"config.json: {key!r} must be an integer in [1, {limit}], got {shown(v)}"
+                          + ("" if optional or key in config else " (missing)"))
     return v
 
 
 def head_dim(config: dict) -> int:
-    return config.get("head_dim") or _cfg_int(config, "hidden_size") // _cfg_int(config, "num_attention_heads")
+    hd = _cfg_int(config, "head_dim", optional=True)
+    if hd is None:
+        hd = _cfg_int(config, "hidden_size") // _cfg_int(config, "num_attention_heads")
+        if hd == 0:
+            raise LayoutError("config.json: num_attention_heads is larger than hidden_size (head_dim would be 0)")
+    return hd
+
+
+def _kv_heads(config: dict) -> int:
+    heads = _cfg_int(config, "num_attention_heads")
+    kv = _cfg_int(config, "num_key_value_heads", optional=True) or heads
+    if heads % kv:
+        raise LayoutError(f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    return kv
+
+
+def num_layers_in(names) -> int:
+    """1 + the highest decoder-layer index among tensor names (0 if there are none)."""
+    top = -1
+    for n in names:
+        m = _LAYER.match(n)
+        if m and len(m.group(1)) <= 9:  # longer indices cannot match any config (MAX_LAYERS)
+            top = max(top, int(m.group(1)))
+    return top + 1
+
+
+def check_config(config: dict, tensor_names=None) -> Arch:
+    """The architecture, after checking every config.json value the layout reads (types and
+    ranges); given the checkpoint's tensor names, also that num_hidden_layers does not promise
+    layers the weights do not hold, before anything is sized from it."""
+    arch = detect(config)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"):
+        _cfg_int(config, key)
+    _kv_heads(config)
+    head_dim(config)
+    tie = config.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        raise LayoutError(f"config.json: 'tie_word_embeddings' must be true or false, got {shown(tie)}")
+    if tensor_names is not None:
+        layers, present = config["num_hidden_layers"], num_layers_in(tensor_names)
+        if layers > present:
+            raise LayoutError(f"config.json says num_hidden_layers={layers}, but model.layers.{present} is missing "
+                              f"(the weights hold {present} layer{'' if present == 1 else 's'})")
+    return arch
 
 
 def projection_shapes(config: dict) -> dict[str, tuple[int, int]]:
@@ -75,7 +136,7 @@ def projection_shapes(config: dict) -> dict[str, tuple[int, int]]:
     inter = _cfg_int(config, "intermediate_size")
     layers = _cfg_int(config, "num_hidden_layers")
     heads = _cfg_int(config, "num_attention_heads")
-    kv = config.get("num_key_value_heads") or heads
+    kv = _kv_heads(config)
     hd = head_dim(config)
     q, kvd = heads * hd, kv * hd
     per = {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kvd, hidden), "self_attn.v_proj": (kvd, hidden),
@@ -91,7 +152,7 @@ def model_tensors(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     arch = detect(config)
     h, inter, v = _cfg_int(config, "hidden_size"), _cfg_int(config, "intermediate_size"), _cfg_int(config, "vocab_size")
     heads = _cfg_int(config, "num_attention_heads")
-    kv = config.get("num_key_value_heads") or heads
+    kv = _kv_heads(config)
     hd = head_dim(config)
     bitnet = arch.ternary
     out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
@@ -110,18 +171,21 @@ def model_tensors(config: dict) -> list[tuple[str, tuple[int, ...]]]:
         if bitnet:
             out.append((p + "mlp.ffn_sub_norm.weight", (inter,)))
     out.append(("model.norm.weight", (h,)))
-    if not config.get("tie_word_embeddings"):
+    if config.get("tie_word_embeddings") is not True:
         out.append(("lm_head.weight", (v, h)))
     return out
 
 
 def is_projection(module: str) -> bool:
-    return bool(_PROJ.match(module))
+    return bool(_PROJ.fullmatch(module))
 
 
 def layer_key(name: str) -> tuple:
-    """Sort key that orders tensors by layer number, then name (model.layers.10 after .9)."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+    """Sort key that orders tensors by layer number, then name (model.layers.10 after .9).
+
+    Digit runs compare as (length, digits), which is numeric order without int(): a hostile name
+    with thousands of digits would exceed Python's int-from-string limit."""
+    return tuple((len(p), p) if i % 2 else p for i, p in enumerate(re.split(r"([0-9]+)", name)))
 
 
 # ----------------------------------------------------------------------------- --ignore
