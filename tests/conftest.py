@@ -4,10 +4,18 @@ GPU tests (marker `gpu`) need CUDA with 2:4 sparse tensor cores; on other machin
 reported as skipped with that reason (pytest -ra lists them), never silently dropped.
 """
 
+import signal
+
 import pytest
 import torch
 
 from slidesparse.convert import make_model
+
+# A suite started in the background by a non-interactive shell (`cmd &`) inherits SIGINT ignored,
+# and ignored signals stay ignored across exec: every child the tests interrupt with SIGINT (the
+# CLI's Ctrl-C contract, the e2e driver's resumability) would then run on, and one of them writes
+# until the disk is full. A handler here is reset to the default in each child at exec.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _cuda_ok() -> bool:

@@ -38,9 +38,92 @@ def test_choose_plan_compares_whole_plans():
     assert choose_plan([10, 10], [10.2, 6], {"sparse": [10.5, 7]}) == ["sparse", "sparse"]
     # nothing wins: dense (and equal times keep the simpler, dense plan)
     assert choose_plan([10, 10], [11, 10], {"sparse": [12, 10]}) == ["dense", "dense"]
-    # the CUTLASS kernel (scales in its epilogue) at small M, dense at large M
-    assert choose_plan([10, 10], [9.5, 11], {"sparse": [9.8, 11.5], "cutlass": [7, 10.5]}) == ["cutlass", "dense"]
+    # the CUTLASS kernel (scales in its epilogue) at small M, dense at large M: the mix saves 20%
+    # of the dense time where all-CUTLASS saves 5%, worth a second weight copy
+    assert choose_plan([10, 10], [9.5, 11], {"sparse": [9.8, 11.5], "cutlass": [6, 13]}) == ["cutlass", "dense"]
+    # the same mix saving only 2.5% more than all-CUTLASS: one copy, all-CUTLASS
+    assert choose_plan([10, 10], [9.5, 11], {"sparse": [9.8, 11.5], "cutlass": [7, 10.5]}) == ["cutlass", "cutlass"]
     # CUTLASS everywhere beats a mix when it wins every bucket
     assert choose_plan([10, 10], [9, 9], {"sparse": [9.5, 9.5], "cutlass": [8, 8]}) == ["cutlass", "cutlass"]
-    # unquantized layers run one eager op at every M: per-bucket choice
-    assert choose_plan([10, 10], [9, 11], None) == ["sparse", "dense"]
+    # unquantized layers run one eager op at every M: per-bucket forms, the same one-copy rule
+    assert choose_plan([10, 10], [8, 11], None) == ["sparse", "dense"]
+    assert choose_plan([10, 10], [9.8, 11], None) == ["dense", "dense"]
+
+
+def test_choose_plan_keeps_one_weight_copy_unless_a_mix_pays():
+    """The H200 table of 2026-12-02 (Qwen2.5-7B 2_8 FP8, gate/up N=37888 K'=5376, microseconds at
+    M = 64, 256, 2048, 16384): CUTLASS won only M <= 64 (50.2 against 54.6 dense), a 2% mean gain
+    for which the layer kept both the dense and the compressed weight (3.6 GiB over the model)."""
+    from slidesparse.tune.search import MIXED_MIN_GAIN, choose_plan
+    dense = [54.58, 79.21, 513.51, 4826.34]
+    sparse_fused = [60.0, 95.0, 530.0, 4700.0]
+    in_op = {"sparse": [70.0, 98.79, 536.71, 4838.7], "cutlass": [50.24, 105.0, 600.0, 5600.0]}
+    assert choose_plan(dense, sparse_fused, in_op) == ["dense"] * 4
+    # the rule is what decides: without it, the mix
+    assert choose_plan(dense, sparse_fused, in_op, mixed_min_gain=0) == ["cutlass", "dense", "dense", "dense"]
+    # a mix that saves more than MIXED_MIN_GAIN beyond every one-copy plan is still taken
+    fast = {**in_op, "cutlass": [54.58 * (1 - 4 * MIXED_MIN_GAIN) - 1, 105.0, 600.0, 5600.0]}
+    assert choose_plan(dense, sparse_fused, fast) == ["cutlass", "dense", "dense", "dense"]
+    with pytest.raises(ValueError):
+        choose_plan(dense, sparse_fused, in_op, mixed_min_gain=1.0)
+
+
+def test_tune_cli_mixed_min_gain(tmp_path):
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from slidesparse.cli import app
+    from slidesparse.tune import cli as tcli
+    from slidesparse.tune.search import MIXED_MIN_GAIN
+    assert inspect.signature(tcli.tune).parameters["mixed_min_gain"].default.default == MIXED_MIN_GAIN
+    for bad in ("nan", "-0.1", "1"):
+        r = CliRunner().invoke(app, ["tune", str(tmp_path), "--mixed-min-gain", bad])
+        assert r.exit_code == 2 and "--mixed-min-gain must be in [0, 1)" in r.output, (bad, r.output)
+
+
+def test_objectives_weigh_the_buckets_of_their_phase():
+    """Qwen2.5-7B 2_8 FP8 gate/up as the H200 kernel benchmark measured it (2026-12-02, traced,
+    M=16384: all-cuSPARSELt 4.23 ms against dense 4.72 ms), with sparse slower at decode sizes:
+    balanced keeps it dense, prefill takes all-sparse, decode keeps dense."""
+    from slidesparse.tune.search import TuneError, bucket_weights, choose_plan
+    buckets = (64, 256, 2048, 16384)
+    assert bucket_weights(buckets) == [1, 1, 1, 1]
+    assert bucket_weights(buckets, "prefill") == [0, 0, 1, 1]
+    assert bucket_weights(buckets, "decode") == [1, 1, 0, 0]
+    dense = [54.6, 79.2, 513.5, 4716.0]
+    fused = [66.0, 95.0, 505.0, 4229.0]
+    in_op = {"sparse": [70.0, 98.8, 536.7, 4838.7]}
+    assert choose_plan(dense, fused, in_op, weights=bucket_weights(buckets)) == ["dense"] * 4
+    assert choose_plan(dense, fused, in_op, weights=bucket_weights(buckets, "prefill")) == ["sparse"] * 4
+    assert choose_plan(dense, fused, in_op, weights=bucket_weights(buckets, "decode")) == ["dense"] * 4
+    with pytest.raises(TuneError, match="objective prefill needs an M bucket > 256"):
+        bucket_weights((16, 64, 256), "prefill")
+    with pytest.raises(TuneError, match="objective must be one of"):
+        bucket_weights(buckets, "fast")
+    with pytest.raises(ValueError):
+        choose_plan(dense, fused, in_op, weights=[0, 0, 0, 0])
+
+
+def test_policy_travels_in_the_tuning_file(tmp_path):
+    from slidesparse.core.tuning import TuningError, TuningTable
+    from slidesparse.tune.search import policy_text
+    text = policy_text((64, 16384), "prefill", 0.05)
+    assert "objective prefill" in text and "M<=64: 0" in text and "M<=16384: 1" in text
+    t = TuningTable(device="X", policy=text)
+    t.save(tmp_path / "t.json")
+    assert TuningTable.load(tmp_path / "t.json").policy == text
+    d = t.to_dict()
+    d["policy"] = 3
+    with pytest.raises(TuningError, match="'policy' must be a string"):
+        TuningTable.from_dict(d)
+
+
+def test_tune_cli_objective(tmp_path):
+    from typer.testing import CliRunner
+
+    from slidesparse.cli import app
+    r = CliRunner().invoke(app, ["tune", str(tmp_path), "--objective", "fast"])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("error: --objective must be one of"), r.output
+    r = CliRunner().invoke(app, ["tune", str(tmp_path), "--objective", "prefill", "--m", "16,64"])
+    assert r.exit_code == 2 and "needs an M bucket > 256" in r.output, r.output

@@ -102,6 +102,10 @@ def markdown(rows, env: dict) -> str:
             w(f"| {preset} | {m} | {dt} | {sp} | {part} | not measured | {tgt}x | - |\n")
         else:
             w(f"| {preset} | {m} | {dt} | {sp} | {part} | {s:.3f}x | {tgt}x | {'yes' if s >= tgt else 'NO'} |\n")
+    w("\n`tuned`: per shape, the fastest traced form measured at this M alone (all-dense, all-cuSPARSELt, a "
+      "mixed plan's cuSPARSELt bucket, CUTLASS). `slidesparse tune` chooses one plan per layer over all of "
+      "its M buckets (`--objective`), so a served model can run a slower form at this M than the one "
+      "counted here: its slidesparse_tuning.json says which, the e2e benchmark what it gives.\n")
     dense_cols = sorted({r["variant"] for r in rows if r["variant"].startswith("dense:")})
     if dense_cols:
         w("\n## Dense GEMM kernels (GEMM with scales in its epilogue, summed over the four shapes, ms)\n\n"

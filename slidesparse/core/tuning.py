@@ -101,6 +101,7 @@ class TuningEntry:
 class TuningTable:
     device: str | None = None                 # torch.cuda.get_device_name() of the tuning GPU
     library: str | None = None                # e.g. "cuSPARSELt 800 (torch 2.11.0+cu130)"
+    policy: str | None = None                 # how the tuner chose the plans (objective, mixed-plan rule)
     tensor_parallel_size: int = 1
     entries: tuple[TuningEntry, ...] = ()
     version: int = TUNING_VERSION
@@ -131,7 +132,7 @@ class TuningTable:
         if version != TUNING_VERSION:
             raise TuningError(f"{where}: format_version {version!r} is not supported (this slidesparse reads "
                               f"{TUNING_VERSION}); re-run `slidesparse tune`")
-        for key in ("device", "library"):
+        for key in ("device", "library", "policy"):
             if d.get(key) is not None and not isinstance(d[key], str):
                 raise TuningError(f"{where}: {key!r} must be a string or null")
         tp = _int(d, "tensor_parallel_size", 1, 1024, where, 1)
@@ -140,12 +141,13 @@ class TuningTable:
             raise TuningError(f"{where} has no 'entries' list")
         entries = tuple(TuningEntry.from_dict(e, f"{where}: entry {i}") for i, e in enumerate(rows))
         try:
-            return cls(device=d.get("device"), library=d.get("library"), tensor_parallel_size=tp, entries=entries)
+            return cls(device=d.get("device"), library=d.get("library"), policy=d.get("policy"),
+                       tensor_parallel_size=tp, entries=entries)
         except TuningError as e:
             raise TuningError(f"{where}: {e}") from None
 
     def to_dict(self) -> dict:
-        return {"format_version": self.version, "device": self.device, "library": self.library,
+        return {"format_version": self.version, "device": self.device, "library": self.library, "policy": self.policy,
                 "tensor_parallel_size": self.tensor_parallel_size, "entries": [e.to_dict() for e in self.entries]}
 
     @classmethod

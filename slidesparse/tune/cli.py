@@ -16,12 +16,20 @@ app = typer.Typer(help="Tune a checkpoint's GEMM choices on this GPU.", no_args_
 def tune(ckpts: List[Path] = typer.Argument(..., help="SlideSparse checkpoint folders (several: the dense "
                                                        "measurements are shared)"),
          m: str = typer.Option("16,64,256,1024,4096,16384", "--m", help="M bucket bounds"),
-         tp: int = typer.Option(1, "--tp", help="tensor-parallel size the checkpoints will be served with")):
+         tp: int = typer.Option(1, "--tp", help="tensor-parallel size the checkpoints will be served with"),
+         mixed_min_gain: float = typer.Option(
+             0.05, "--mixed-min-gain",
+             help="how much of the dense time (mean over the buckets) a layer plan that keeps two weight copies "
+                  "must save beyond the best one-copy plan; 0 takes the fastest mix, 0.99 never mixes"),
+         objective: str = typer.Option(
+             "balanced", "--objective",
+             help="what the plans are chosen for: balanced (every M bucket alike), prefill (buckets above "
+                  "M=256 only) or decode (buckets up to M=256 only)")):
     """Search cuSPARSELt algorithms per layer shape and M bucket, time the sparse and dense forms
     as vLLM runs them, and mark each bucket sparse or dense."""
     from rich.progress import Progress
 
-    from .search import TuneError, tune_checkpoints
+    from .search import TuneError, bucket_weights, tune_checkpoints
     try:
         buckets = tuple(sorted({int(t) for t in m.split(",") if t.strip()}))
         if not buckets or buckets[0] < 1 or buckets[-1] > 1 << 24:
@@ -32,6 +40,14 @@ def tune(ckpts: List[Path] = typer.Argument(..., help="SlideSparse checkpoint fo
     if not 1 <= tp <= 1024:
         typer.echo(f"error: --tp must be in [1, 1024], got {tp}", err=True)
         raise typer.Exit(2)
+    try:
+        bucket_weights(buckets, objective)
+    except TuneError as e:
+        typer.echo(f"error: --{e}", err=True)
+        raise typer.Exit(2)
+    if not 0 <= mixed_min_gain < 1:  # also false for nan
+        typer.echo(f"error: --mixed-min-gain must be in [0, 1), got {mixed_min_gain}", err=True)
+        raise typer.Exit(2)
     for ckpt in ckpts:
         if not ckpt.is_dir():
             typer.echo(f"error: {ckpt} is not a folder", err=True)
@@ -41,7 +57,7 @@ def tune(ckpts: List[Path] = typer.Argument(..., help="SlideSparse checkpoint fo
             task = prog.add_task("tuning", total=None)
             out = tune_checkpoints(list(ckpts), buckets,
                                    progress=lambda i, n, d: prog.update(task, completed=i, total=n, description=d),
-                                   tp=tp)
+                                   tp=tp, mixed_min_gain=mixed_min_gain, objective=objective)
     except TuneError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

@@ -6,7 +6,8 @@ dtype (a GEMM's speed does not depend on the values): cuSPARSELt's own search pi
 id; then the runtime's own layer (bench/harness.py), compiled as vLLM compiles it and between the
 producer and consumer it has in a model, is timed with an all-dense plan (vLLM's CUTLASS GEMM,
 the baseline users run), an all-sparse plan, and sparse buckets inside a mixed plan, interleaved;
-choose_plan() decides. The runtime keeps the unslid weight only for layers with a dense bucket.
+choose_plan() decides, preferring plans that keep one copy of the weight (MIXED_MIN_GAIN). The
+runtime keeps the unslid weight only for layers with a dense bucket.
 """
 
 from __future__ import annotations
@@ -24,6 +25,26 @@ from ..core.quant import DTYPES
 from ..core.tuning import TuningEntry, TuningTable
 
 M_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
+
+# What a plan is chosen for. A step of at most DECODE_MAX_M tokens is a decode step (one token per
+# running sequence, vLLM's default max_num_seqs is 256); larger ones are prefill chunks. "balanced"
+# weighs every bucket alike; "prefill" and "decode" count only their own buckets (the others still
+# run whatever the chosen plan gives them).
+OBJECTIVES = ("balanced", "prefill", "decode")
+DECODE_MAX_M = 256
+
+
+def bucket_weights(buckets, objective: str = "balanced") -> list[float]:
+    if objective not in OBJECTIVES:
+        raise TuneError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if objective == "balanced":
+        return [1.0] * len(buckets)
+    mine = [(m <= DECODE_MAX_M) == (objective == "decode") for m in buckets]
+    if not any(mine):
+        side = "<=" if objective == "decode" else ">"
+        raise TuneError(f"objective {objective} needs an M bucket {side} {DECODE_MAX_M}; the buckets are "
+                        f"{','.join(map(str, buckets))}")
+    return [1.0 if x else 0.0 for x in mine]
 
 
 class TuneError(SlideSparseError):
@@ -47,7 +68,16 @@ def checkpoint_shapes(ckpt: Path, tp: int = 1) -> tuple[SlideSparseConfig, list[
     return cfg, shapes
 
 
-def choose_plan(t_dense: list[float], t_sparse: list[float], in_op: dict[str, list[float]] | None) -> list[str]:
+# A plan that mixes kinds keeps two copies of the layer's weight on the GPU (the dense one and a
+# compressed one, or cuSPARSELt's and CUTLASS's compressed forms): on the H200 a 2_8 Qwen2.5-7B whose
+# gate/up layers were CUTLASS only at M <= 64 (8% faster there, 2% on the mean) held 11.8 GiB of
+# weights instead of 8.2 GiB, memory the KV cache loses. So a mix must beat the best one-copy plan
+# by this much of the dense time (mean over the buckets) to be chosen.
+MIXED_MIN_GAIN = 0.05
+
+
+def choose_plan(t_dense: list[float], t_sparse: list[float], in_op: dict[str, list[float]] | None,
+                mixed_min_gain: float = MIXED_MIN_GAIN, weights: list[float] | None = None) -> list[str]:
     """The backend of every M bucket from the measured forms of a layer (traced by torch.compile,
     as vLLM runs it):
 
@@ -58,23 +88,30 @@ def choose_plan(t_dense: list[float], t_sparse: list[float], in_op: dict[str, li
                           outputs and its cuSPARSELt buckets pay a dequant pass of their own
         in_op["cutlass"]  a bucket on SlideSparse's CUTLASS kernel (scales in its epilogue)
 
-    The candidates are all-dense, all-cuSPARSELt, all-CUTLASS, and the mix that takes the fastest
-    finishing form per bucket; the one with the smallest mean time relative to dense over the
-    buckets wins (ties: the simpler plan, in that order). in_op None (an unquantized layer, which
-    runs one eager op whatever its buckets) means each bucket takes the faster of the two."""
+    A plan's cost is its mean time relative to dense over the buckets (weighted by `weights`,
+    bucket_weights(); default: every bucket alike). The one-copy plans
+    (all-dense, all-cuSPARSELt, all-CUTLASS) compete first, ties to the simpler; the mix that takes
+    the fastest finishing form per bucket replaces the winner only if it saves at least
+    `mixed_min_gain` more (it holds two weight copies: MIXED_MIN_GAIN). in_op None (an unquantized
+    layer, which runs one eager op whatever its buckets): the per-bucket forms are t_dense and t_sparse."""
     nb = len(t_dense)
-    if in_op is None:
-        return ["sparse" if s <= d else "dense" for d, s in zip(t_dense, t_sparse)]
-    finishing = {"dense": t_dense, **in_op}
-    cands = [["dense"] * nb, ["sparse"] * nb] + [[k] * nb for k in in_op if k != "sparse"]
+    if not 0 <= mixed_min_gain < 1:
+        raise ValueError(f"mixed_min_gain must be in [0, 1), got {mixed_min_gain}")
+    finishing = {"dense": t_dense, **(in_op if in_op is not None else {"sparse": t_sparse})}
+    singles = [["dense"] * nb, ["sparse"] * nb] + [[k] * nb for k in finishing if k not in ("dense", "sparse")]
     mixed = [min(finishing, key=lambda k: finishing[k][i]) for i in range(nb)]
-    if mixed not in cands:
-        cands.append(mixed)
+
+    wts = [1.0] * nb if weights is None else list(weights)
+    if len(wts) != nb or min(wts) < 0 or sum(wts) <= 0:
+        raise ValueError(f"weights must be {nb} non-negative numbers, not all zero, got {weights}")
 
     def cost(plan):
         times = t_sparse if set(plan) == {"sparse"} else [finishing[b][i] for i, b in enumerate(plan)]
-        return sum(t / d for t, d in zip(times, t_dense)) / nb
-    return min(cands, key=cost)  # min keeps the first of equals
+        return sum(w * t / d for w, t, d in zip(wts, times, t_dense)) / sum(wts)
+    best = min(singles, key=cost)  # min keeps the first of equals
+    if len(set(mixed)) > 1 and cost(mixed) <= cost(best) - mixed_min_gain:
+        return mixed
+    return best
 
 
 def best_cutlass_configs(w, buckets, gen) -> list[str] | None:
@@ -106,7 +143,8 @@ def best_cutlass_configs(w, buckets, gen) -> list[str] | None:
 
 
 def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds: int = 2,
-               dense_cache: dict | None = None) -> list[TuningEntry]:
+               dense_cache: dict | None = None, mixed_min_gain: float = MIXED_MIN_GAIN,
+               objective: str = "balanced") -> list[TuningEntry]:
     """Measure one layer shape at every bucket's M in the forms the runtime runs, and decide.
 
     dense_cache: times of the all-dense form keyed by (n, k, dtype, M), shared between the
@@ -155,7 +193,7 @@ def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds
     elif dense_cache is not None:
         dense_cache.update({(n, k, wdt, m): t for m, t in zip(buckets, med["dense"])})
     in_op = {k: med[v] for k, v in (("sparse", "sparse_in_op"), ("cutlass", "cutlass")) if v in med} if act else None
-    chosen = choose_plan(med["dense"], med["sparse"], in_op)
+    chosen = choose_plan(med["dense"], med["sparse"], in_op, mixed_min_gain, bucket_weights(buckets, objective))
     all_sparse = set(chosen) == {"sparse"}
 
     def form_time(backend: str, i: int) -> float:
@@ -173,8 +211,12 @@ def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds
     return entries
 
 
-def tune_checkpoints(ckpts: list[Path], buckets=M_BUCKETS, progress=None, tp: int = 1) -> list[Path]:
+def tune_checkpoints(ckpts: list[Path], buckets=M_BUCKETS, progress=None, tp: int = 1,
+                     mixed_min_gain: float = MIXED_MIN_GAIN, objective: str = "balanced") -> list[Path]:
     """Tune each checkpoint on this GPU and write its slidesparse_tuning.json (atomically)."""
+    bucket_weights(buckets, objective)  # a bad objective fails before any measurement
+    if not 0 <= mixed_min_gain < 1:
+        raise TuneError(f"mixed_min_gain must be in [0, 1), got {mixed_min_gain}")
     if not torch.cuda.is_available():
         raise TuneError("tuning needs the CUDA GPU the checkpoints will run on")
     work = [(ckpt, *checkpoint_shapes(ckpt, tp)) for ckpt in ckpts]  # every checkpoint checked first
@@ -184,15 +226,23 @@ def tune_checkpoints(ckpts: list[Path], buckets=M_BUCKETS, progress=None, tp: in
     for ckpt, cfg, shapes in work:
         entries = []
         for n, k in shapes:
-            entries += tune_shape(n, k, cfg, buckets, dense_cache=dense_cache)
+            entries += tune_shape(n, k, cfg, buckets, dense_cache=dense_cache, mixed_min_gain=mixed_min_gain,
+                                  objective=objective)
             done += 1
             if progress:
                 progress(done, total, f"{ckpt.name}: N={n} K={k}")
         table = TuningTable(device=torch.cuda.get_device_name(), tensor_parallel_size=tp, entries=tuple(entries),
-                            library=_libraries(cfg))
+                            library=_libraries(cfg), policy=policy_text(buckets, objective, mixed_min_gain))
         table.save(ckpt / TUNING_FILE)
         out.append(ckpt / TUNING_FILE)
     return out
+
+
+def policy_text(buckets, objective: str, mixed_min_gain: float) -> str:
+    """How the table's plans were chosen, as the tuning file records it."""
+    w = bucket_weights(buckets, objective)
+    return (f"objective {objective} (bucket weights {', '.join(f'M<={m}: {x:g}' for m, x in zip(buckets, w))}); "
+            f"a plan with two weight copies must save {mixed_min_gain:g} of dense time more than the best one-copy plan")
 
 
 def _libraries(cfg: SlideSparseConfig) -> str:
