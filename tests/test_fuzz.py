@@ -29,7 +29,8 @@ from slidesparse.core.errors import SlideSparseError
 from slidesparse.core.layout import model_tensors
 from slidesparse.core.presets import PRESETS
 
-FUZZ = settings(max_examples=100, deadline=None, database=None, print_blob=True,
+# SLIDESPARSE_FUZZ_EXAMPLES=1500 for a longer search than CI's 100 examples per test (about 1 minute)
+FUZZ = settings(max_examples=int(os.environ.get("SLIDESPARSE_FUZZ_EXAMPLES", 100)), deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 # one layer of 32 wide: a conversion takes a few milliseconds, so the examples are cheap
@@ -199,7 +200,7 @@ def test_generated_safetensors_headers(base, edits, tensor, length, data, cut):
             elif op == "dtype_same_size" and isinstance(e, dict):
                 size = {"F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
                         "F32": 4, "I32": 4, "I64": 8, "F64": 8}
-                if size.get(e.get("dtype")) == size[a]:
+                if isinstance(e.get("dtype"), str) and size.get(e["dtype"]) == size[a]:  # an earlier edit may have made it a list
                     e["dtype"] = a
             elif op == "overlap" and isinstance(e, dict) and isinstance(header, dict):
                 other = header.get(names[(tensor + a) % len(names)])
