@@ -929,38 +929,33 @@ def markdown(records: list[dict]) -> str:
     lines += ["", "Speed-up: SlideSparse 2_L-DT over the dense W8A8 DT export (2_L-bf16 over bf16); the dense "
               "8-bit rows over bf16. `failed (kind)` rows are listed with their messages at the end.", ""]
     failures = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        for phase in PHASES:
-            sub = [r for r in rows if r["model"] == model and r["phase"] == phase]
-            if not sub:
-                continue
-            ms = sorted({r["m"] for r in sub})
-            unit = "prompt tokens/s, M = tokens per step" if phase == "prefill" else "output tokens/s, M = concurrent sequences"
-            lines += [f"## {model}: {phase} ({unit})", "",
-                      "| variant | weights GiB (vs baseline) | " + " | ".join(f"M={m}" for m in ms) + " |",
-                      "|---|---:|" + "---:|" * len(ms)]
-            for variant in dict.fromkeys(r["variant"] for r in sub):
-                cells = {r["m"]: r for r in sub if r["variant"] == variant}
-                e = engines.get((model, variant), {})
-                w = e.get("weights_gib")
-                bname = parse_variant(variant).baseline
-                wb = engines.get((model, bname), {}).get("weights_gib") if bname else None
-                wcell = "" if w is None else f"{w:.2f}" + (f" ({w / wb:.2f}x)" if wb else "")
-                out = []
-                for m in ms:
-                    r = cells.get(m)
-                    if r is None:
-                        out.append("")
-                    elif not r["ok"]:
-                        failures.append(r)
-                        out.append(f"failed ({r['error_kind']})")
-                    else:
-                        s = f"{r['tok_s']:,.0f}"
-                        if r["speedup"] is not None:
-                            s += f" ({r['speedup']:.3f}x)"
-                        out.append(s)
-                lines.append(f"| {variant} | {wcell} | " + " | ".join(out) + " |")
-            lines.append("")
+    for model, phase, sub, ms in _by_model_phase(rows):
+        unit = "prompt tokens/s, M = tokens per step" if phase == "prefill" else "output tokens/s, M = concurrent sequences"
+        lines += [f"## {model}: {phase} ({unit})", "",
+                  "| variant | weights GiB (vs baseline) | " + " | ".join(f"M={m}" for m in ms) + " |",
+                  "|---|---:|" + "---:|" * len(ms)]
+        for variant in dict.fromkeys(r["variant"] for r in sub):
+            cells = {r["m"]: r for r in sub if r["variant"] == variant}
+            e = engines.get((model, variant), {})
+            w = e.get("weights_gib")
+            bname = parse_variant(variant).baseline
+            wb = engines.get((model, bname), {}).get("weights_gib") if bname else None
+            wcell = "" if w is None else f"{w:.2f}" + (f" ({w / wb:.2f}x)" if wb else "")
+            out = []
+            for m in ms:
+                r = cells.get(m)
+                if r is None:
+                    out.append("")
+                elif not r["ok"]:
+                    failures.append(r)
+                    out.append(f"failed ({r['error_kind']})")
+                else:
+                    s = f"{r['tok_s']:,.0f}"
+                    if r["speedup"] is not None:
+                        s += f" ({r['speedup']:.3f}x)"
+                    out.append(s)
+            lines.append(f"| {variant} | {wcell} | " + " | ".join(out) + " |")
+        lines.append("")
     cc = [r for r in records if r.get("kind") == "crosscheck"]
     if cc:
         pts = latest(records, "point")
@@ -1072,24 +1067,28 @@ def write_report(out: Path) -> list[Path]:
     return paths
 
 
+def _by_model_phase(rows: list[dict]):
+    """(model, phase, its rows, their sorted M) in the order the models first appear."""
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for phase in PHASES:
+            sub = [r for r in rows if r["model"] == model and r["phase"] == phase]
+            if sub:
+                yield model, phase, sub, sorted({r["m"] for r in sub})
+
+
 def summary(records: list[dict]) -> str:
     """The short table printed at the end of a run: speed-ups per (model, phase, variant) over M."""
     rows = table_rows(records)
     out = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        for phase in PHASES:
-            sub = [r for r in rows if r["model"] == model and r["phase"] == phase]
-            if not sub:
-                continue
-            ms = sorted({r["m"] for r in sub})
-            out.append(f"{model} {phase}: " + " ".join(f"{m:>8d}" for m in ms))
-            for variant in dict.fromkeys(r["variant"] for r in sub):
-                cells = {r["m"]: r for r in sub if r["variant"] == variant}
-                def cell(r):
-                    if r is None:
-                        return f"{'':>8s}"
-                    if not r["ok"]:
-                        return f"{'FAIL':>8s}"
-                    return f"{r['speedup']:7.3f}x" if r["speedup"] is not None else f"{r['tok_s'] / 1e3:7.1f}k"
-                out.append(f"  {variant:14s}" + " ".join(cell(cells.get(m)) for m in ms))
+    for model, phase, sub, ms in _by_model_phase(rows):
+        out.append(f"{model} {phase}: " + " ".join(f"{m:>8d}" for m in ms))
+        for variant in dict.fromkeys(r["variant"] for r in sub):
+            cells = {r["m"]: r for r in sub if r["variant"] == variant}
+            def cell(r):
+                if r is None:
+                    return f"{'':>8s}"
+                if not r["ok"]:
+                    return f"{'FAIL':>8s}"
+                return f"{r['speedup']:7.3f}x" if r["speedup"] is not None else f"{r['tok_s'] / 1e3:7.1f}k"
+            out.append(f"  {variant:14s}" + " ".join(cell(cells.get(m)) for m in ms))
     return "\n".join(out)

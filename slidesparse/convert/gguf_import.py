@@ -23,14 +23,13 @@ tokens become special tokens. Other tokenizer models and pre-tokenizers are refu
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from .errors import ConvertError
-from .writer import AtomicDir, Planned, ShardedWriter, check_apart
+from .writer import AtomicDir, Planned, ShardedWriter, check_apart, write_model_files
 
 OUT_DTYPES = {"bf16": (torch.bfloat16, "bfloat16"), "fp16": (torch.float16, "float16"),
               "fp32": (torch.float32, "float32")}
@@ -245,13 +244,9 @@ def import_gguf(src: str | Path, out: str | Path, dtype: str = "bf16", overwrite
             files = writer.close()
         finally:
             writer.abort()
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        tok.save(str(tmp / "tokenizer.json"))
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
         special = {k: tok_config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if tok_config[k]}
-        (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
         gen = {k: int(ids[g]) for k, g in (("bos_token_id", "bos"), ("eos_token_id", "eos")) if ids[g] is not None}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        write_model_files(tmp, cfg, tok, tok_config, special, gen)
     types = sorted({t.tensor_type.name for t, _ in by_name.values()})
     return {"source": str(src), "out": str(out), "tensors": len(by_name), "gguf_types": types,
             "dtype": dtype, "parameters": sum(t.n_elements for t, _ in by_name.values()),

@@ -14,7 +14,6 @@ The presets' configs are core.presets'; the tensors each architecture has, core.
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from ..core.layout import model_tensors
 from ..core.presets import PRESETS
 from .errors import ConvertError
-from .writer import AtomicDir, Planned, ShardedWriter
+from .writer import AtomicDir, Planned, ShardedWriter, write_model_files
 
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -131,11 +130,7 @@ def make_model(preset: str, out: str | Path, dtype: str = "bf16", seed: int = 0,
             files = writer.close()
         finally:
             writer.abort()
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        tok.save(str(tmp / "tokenizer.json"))
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-        (tmp / "special_tokens_map.json").write_text(json.dumps({k: tok_config[k] for k in ("bos_token", "eos_token")}, indent=2) + "\n")
-        gen = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        write_model_files(tmp, cfg, tok, tok_config, {k: tok_config[k] for k in ("bos_token", "eos_token")},
+                          {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False})
     return {"preset": preset, "out": str(out), "dtype": dtype, "seed": seed, "bytes": total, "files": files,
             "parameters": sum(math.prod(s) for _, s, _ in plan)}

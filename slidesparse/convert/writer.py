@@ -303,6 +303,18 @@ class AtomicDir:
             self._lock_fd = None
 
 
+def write_model_files(folder: Path, config: dict, tokenizer, tokenizer_config: dict, special_tokens: dict,
+                      generation_config: dict) -> None:
+    """The JSON and tokenizer files beside the weights of a Hugging Face model folder."""
+    def dump(name, obj):
+        (folder / name).write_text(json.dumps(obj, indent=2) + "\n")
+    dump("config.json", config)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    dump("tokenizer_config.json", tokenizer_config)
+    dump("special_tokens_map.json", special_tokens)
+    dump("generation_config.json", generation_config)
+
+
 def check_apart(src: Path, dst: Path, as_given, what: str = "the source") -> None:
     """The destination must be neither the input `src` (a folder or a file), nor inside it, nor a
     folder that holds it: replacing an ancestor would delete the input (with --overwrite), and
