@@ -6,8 +6,13 @@
 #
 # Stages (STAGES, default all, in this order): tests (tests/gpu, with vLLM importable so the dense
 # buckets and baselines run vLLM's CUTLASS kernel) while the CPU makes the model and converts the
-# variants; tune (every SlideSparse variant in one `slidesparse tune`, the dense timings shared);
-# e2e (`slidesparse bench e2e --matrix`: one vLLM engine per variant, prefill and decode points);
+# variants; sparsegpt (a timed `--prune sparsegpt --device cuda` conversion of the preset, started
+# once the base model exists, beside the tests; its output is deleted: random weights, speed only);
+# tune (every SlideSparse variant in one `slidesparse tune`, the dense timings shared); e2e
+# (`slidesparse bench e2e --matrix`: one vLLM engine per variant, prefill and decode points);
+# e2e_b (a second matrix in e2e_matrix_b/: the first variant again, for engine-to-engine
+# variance, and each of OBJ_VARIANTS tuned with `--objective prefill` on a copy that shares the
+# weights); profile (tools/gpu_profile_vllm.py, prefill and decode traces of PROFILE_VARIANTS);
 # bench (`slidesparse bench kernel`). Everything lands in $RES (default /root/res), each stage in its
 # own log; $RES/session.log says where it is. Re-running skips finished work (converted models,
 # tuned tables, finished e2e points).
@@ -22,7 +27,9 @@ RES=${RES:-/root/res}
 MODELS=${MODELS:-/root/models}
 PRESET=${PRESET:-qwen2.5-7b}
 VARIANTS=${VARIANTS:-fp8,2_8-fp8,2_4-fp8,int8,2_8-int8}
-STAGES=${STAGES:-tests tune e2e bench}
+STAGES=${STAGES:-tests sparsegpt tune e2e e2e_b profile bench}
+OBJ_VARIANTS=${OBJ_VARIANTS:-2_8-fp8}
+PROFILE_VARIANTS=${PROFILE_VARIANTS:-fp8,2_8-fp8}
 mkdir -p "$RES" "$MODELS"
 source /tmp/site/env.sh
 export PYTHONUNBUFFERED=1
@@ -56,6 +63,21 @@ python3 -c 'import torch, triton, vllm; print("torch", torch.__version__, "trito
 prep=$!
 say "preparing checkpoints in the background (prepare.log)"
 
+sgpt=
+if [[ " $STAGES " == *" sparsegpt "* ]]; then
+  (
+    while [ ! -f "$base/config.json" ]; do sleep 5; kill -0 $prep 2>/dev/null || break; done
+    echo "start $(date -u +%T), beside tests/gpu and the CPU conversions"
+    /usr/bin/time -v timeout ${SGPT_TIMEOUT:-900} python3 -m slidesparse.cli convert "$base" "$MODELS/sparsegpt-out" \
+      --sparsity 2_8 --dtype fp8 --prune sparsegpt --device cuda --calib-samples 128 --calib-len 2048 --json --overwrite
+    echo "exit $? at $(date -u +%T)"
+    du -sb "$MODELS/sparsegpt-out" 2>/dev/null
+    rm -rf "$MODELS/sparsegpt-out"
+  ) > "$RES/sparsegpt_7b.log" 2>&1 &
+  sgpt=$!
+  say "sparsegpt conversion in the background (sparsegpt_7b.log)"
+fi
+
 if [[ " $STAGES " == *" tests "* ]]; then
   say "tests/gpu"
   timeout ${TEST_TIMEOUT:-420} python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -ra --junitxml="$RES/gpu_tests_junit.xml" \
@@ -64,6 +86,7 @@ if [[ " $STAGES " == *" tests "* ]]; then
 fi
 wait $prep
 say "checkpoints ready: $(ls "$MODELS" | tr '\n' ' ')"
+if [ -n "$sgpt" ]; then wait $sgpt; say "sparsegpt: $(grep -E 'Elapsed|^exit' "$RES/sparsegpt_7b.log" | tr '\n' ' ')"; fi
 df -h "$MODELS" | tail -1 | tee -a "$RES/session.log"
 
 if [[ " $STAGES " == *" tune "* ]] && [ ${#sparse_ckpts[@]} -gt 0 ]; then
@@ -79,6 +102,32 @@ if [[ " $STAGES " == *" e2e "* ]]; then
   ss bench e2e --matrix --models "$PRESET" --variants "$VARIANTS" --prefill-m "${PREFILL_M:-16384}" \
     --decode-m "${DECODE_M:-256}" --ckpt-dir "$MODELS" --out "$RES/e2e_matrix" ${E2E_ARGS:-} > "$RES/e2e.log" 2>&1
   say "e2e: exit $?"
+fi
+
+if [[ " $STAGES " == *" e2e_b "* ]]; then
+  first=${VARIANTS%%,*}; ckargs=(); names=$first
+  for v in ${OBJ_VARIANTS//,/ }; do
+    src=$(ckpt "$v"); dst=$src-prefill-objective
+    if [ ! -f "$dst/slidesparse_tuning.json" ]; then
+      mkdir -p "$dst"; for f in "$src"/*; do [ "$(basename "$f")" = slidesparse_tuning.json ] || ln -sf "$f" "$dst/"; done
+      ( time ss tune "$dst" --objective prefill --m "${TUNE_M:-64,256,2048,16384}" ) >> "$RES/tune_prefill_objective.log" 2>&1
+      mkdir -p "$RES/tuning"; cp "$dst/slidesparse_tuning.json" "$RES/tuning/$(basename "$dst").json" 2>/dev/null
+    fi
+    ckargs+=(--ckpt "$v=$dst"); names+=",$v"
+  done
+  say "e2e matrix b: $names (prefill objective: $OBJ_VARIANTS)"
+  ss bench e2e --matrix --models "$PRESET" --variants "$names" --prefill-m "${PREFILL_M:-16384}" \
+    --decode-m "${DECODE_M:-256}" --ckpt-dir "$MODELS" "${ckargs[@]}" --out "$RES/e2e_matrix_b" ${E2E_ARGS:-} > "$RES/e2e_b.log" 2>&1
+  say "e2e_b: exit $?"
+fi
+
+if [[ " $STAGES " == *" profile "* ]]; then
+  for v in ${PROFILE_VARIANTS//,/ }; do
+    say "profile $v"
+    timeout ${PROFILE_TIMEOUT:-300} python3 tools/gpu_profile_vllm.py --out "$RES/profile" --decode-seqs "${DECODE_M:-256}" \
+      "$v=$(ckpt "$v")" > "$RES/profile_$v.log" 2>&1
+    say "profile $v: exit $?"
+  done
 fi
 
 if [[ " $STAGES " == *" bench "* ]]; then
