@@ -122,10 +122,11 @@ if [[ " $STAGES " == *" e2e_b "* ]]; then
 fi
 
 if [[ " $STAGES " == *" profile "* ]]; then
-  for v in ${PROFILE_VARIANTS//,/ }; do
-    say "profile $v"
+  for v in ${PROFILE_VARIANTS//,/ }; do   # a variant name, or NAME=CHECKPOINT
+    case $v in *=*) spec=$v; v=${v%%=*};; *) spec="$v=$(ckpt "$v")";; esac
+    say "profile $spec"
     timeout ${PROFILE_TIMEOUT:-300} python3 tools/gpu_profile_vllm.py --out "$RES/profile" --decode-seqs "${DECODE_M:-256}" \
-      "$v=$(ckpt "$v")" > "$RES/profile_$v.log" 2>&1
+      "$spec" > "$RES/profile_$v.log" 2>&1
     say "profile $v: exit $?"
   done
 fi
