@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from slidesparse.cli import app
 from slidesparse.convert import convert, make_model
-from slidesparse.convert.calibrate import (Calibrator, default_block, row_grid, settings_from_options,
-                                           sparsegpt_prune, wanda_keep)
+from slidesparse.convert.calibrate import (Calibrator, _tf32_matmuls, default_block, row_grid,
+                                           settings_from_options, sparsegpt_prune, wanda_keep)
 from slidesparse.convert.pipeline import open_source
 from slidesparse.convert.verify import verify
 from slidesparse.core.checkpoint import dense_weights
@@ -221,6 +221,8 @@ def test_convert_prune_end_to_end(models, tmp_path, preset, method):
     out = tmp_path / "out"
     r = convert(models / preset, out, sparsity=sp, dtype="int8", prune=method, calib_samples=6, calib_len=48)
     assert r["pruning"] == method and r["calibration_seconds"] > 0
+    phases = r["calibration_phases"]
+    assert set(phases) == {"collect", "prune", "propagate"} and sum(phases.values()) <= r["calibration_seconds"]
     verify(out)  # the stored layers are valid, canonical Z_L slides
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     rec = qc["source"]["pruning"]
@@ -338,3 +340,12 @@ def test_overwrite_onto_the_folder_that_holds_the_calibration_text_is_refused(mo
     lines = [ln for ln in out.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "holds the calibration text" in lines[0], out
     assert [p.name for p in text.parent.iterdir()] == ["calib.txt"]
+
+
+def test_tf32_is_for_cuda_forwards_only_and_is_restored():
+    before = torch.get_float32_matmul_precision()
+    with _tf32_matmuls("cpu"):
+        assert torch.get_float32_matmul_precision() == before
+    with _tf32_matmuls("cuda"):
+        assert torch.get_float32_matmul_precision() == "high"
+    assert torch.get_float32_matmul_precision() == before

@@ -33,6 +33,32 @@ def test_variants_parse_with_their_baselines():
     assert [v.kind for v in vs] == ["bf16", "dense", "dense", "online"] + ["slidesparse"] * 4
 
 
+def test_repeat_engines_pair_with_the_baseline_of_their_number_and_share_the_checkpoint(tmp_path):
+    vs = mx.parse_variants("fp8,2_8-fp8,fp8#2,6:8-FP8#2,2_8-fp8#3")
+    assert [v.name for v in vs] == ["fp8", "2_8-fp8", "fp8#2", "2_8-fp8#2", "2_8-fp8#3"]
+    assert [v.baseline for v in vs] == ["bf16", "fp8", "bf16#2", "fp8#2", "fp8#3"]
+    assert [v.engine for v in vs] == [1, 1, 2, 2, 3] and {v.base_name for v in vs} == {"fp8", "2_8-fp8"}
+    ck = mx.Checkpoints(tmp_path, given={("m", "2_8-fp8"): tmp_path / "given"})
+    assert ck.path("m", vs[2]) == ck.path("m", vs[0]) == tmp_path / "m-w8a8-fp8"
+    assert ck.path("m", vs[3]) == ck.path("m", vs[4]) == tmp_path / "given" and ck.user_given("m", vs[3])
+    # the report: each repeat against its own engine's baseline, and the spread across engines
+    f = mx.ResultsFile(tmp_path / mx.RESULTS)
+    tok = {"fp8": 100.0, "2_8-fp8": 110.0, "fp8#2": 95.0, "2_8-fp8#2": 99.75}
+    for v, t in tok.items():
+        f.append(_rec("m", v, "decode", 256, tok_s=t))
+    rows = {r["variant"]: r for r in mx.table_rows(mx.read_results(f.path)[0])}
+    assert rows["2_8-fp8"]["speedup"] == pytest.approx(1.1) and rows["2_8-fp8#2"]["speedup"] == pytest.approx(1.05)
+    md = mx.markdown(mx.read_results(f.path)[0])
+    assert "| m | fp8 | decode M=256 | 100, 95 | 5.1% |" in md
+    assert "| m | 2_8-fp8 | decode M=256 | 110, 100 | 9.8% | 1.100x, 1.050x |" in md
+
+
+@pytest.mark.parametrize("spec", ["fp8#1", "fp8#x", "fp8#", "2_8-fp8#-2"])
+def test_bad_repeat_numbers_are_refused(spec):
+    with pytest.raises(mx.MatrixError, match="engine number"):
+        mx.parse_variants(spec)
+
+
 @pytest.mark.parametrize("spec", ["fp16", "2_5-fp8", "2_8-fp4", "2_8", "", " , "])
 def test_bad_variants_are_refused(spec):
     with pytest.raises(mx.MatrixError):
@@ -393,11 +419,12 @@ def test_a_hung_point_times_out_and_its_process_group_is_ended(tmp_path, monkeyp
 def test_missing_checkpoints_are_converted_and_deleted_after_use(tmp_path, monkeypatch):
     """Real conversions of a tiny model (the engine is the stand-in): the dense export and a
     SlideSparse variant are made under --ckpt-dir, the next one beside the current engine with
-    --prepare-ahead, and deleted once their points are done; the user's base is never deleted."""
+    --prepare-ahead, and deleted once their points are done (the dense export only after its repeat
+    engine, int8#2, has measured it too); the user's base is never deleted."""
     from slidesparse.convert import make_model
     plan, _, fake = _fake_setup(tmp_path, monkeypatch)
     make_model("tiny-llama", tmp_path / "base")
-    plan.variants = mx.parse_variants("bf16,int8,2_8-int8")
+    plan.variants = mx.parse_variants("bf16,int8,2_8-int8,int8#2")
     ck = mx.Checkpoints(tmp_path / "models", bases={"m1": str(tmp_path / "base")}, tune=False, delete_after=True)
     # no `nice` here: on a busy CI machine a niced conversion can starve for minutes
     which = mx.shutil.which
@@ -408,16 +435,18 @@ def test_missing_checkpoints_are_converted_and_deleted_after_use(tmp_path, monke
     out = tmp_path / "out"
     mx.run_matrix(plan, out, ck, mx.Timeouts(60, 60), log=lambda s: None, prepare_ahead=True)
     pts = mx.latest(mx.read_results(out / mx.RESULTS)[0], "point")
-    assert len(pts) == 15 and all(r["ok"] for r in pts.values())
+    assert len(pts) == 20 and all(r["ok"] for r in pts.values())
     beside = {k[1]: r.get("concurrent_prepare") for k, r in pts.items()}
-    assert beside == {"bf16": "int8", "int8": "2_8-int8", "2_8-int8": None}
-    assert seen == [("bf16", True), ("int8", True), ("2_8-int8", True)]
+    assert beside == {"bf16": "int8", "int8": "2_8-int8", "2_8-int8": None, "int8#2": None}
+    assert seen == [("bf16", True), ("2_8-int8", True), ("int8#2", True)]
+    assert {pts[("m1", v, "decode", 64)]["ckpt"] for v in ("int8", "int8#2")} == {str(tmp_path / "models" / "m1-w8a8-int8")}
     assert not (tmp_path / "models" / "m1-SlideSparse-2_8-int8").exists()      # deleted after its points
     assert not (tmp_path / "models" / "m1-w8a8-int8").exists()
     assert (tmp_path / "base" / "config.json").is_file()
     calls = _calls(fake)
-    assert len(calls) == 3
-    assert "--prepare-ahead" in (out / "e2e_matrix.md").read_text()
+    assert len(calls) == 4
+    md = (out / "e2e_matrix.md").read_text()
+    assert "--prepare-ahead" in md and "| m1 | int8 | decode M=64 |" in md   # the engine-repeat table
 
 
 _DRIVER = textwrap.dedent("""
@@ -559,3 +588,12 @@ def test_step_check_fails_under_the_stock_scheduler(tmp_path):
     assert len(recs) == 2, msgs
     for rec in recs:
         assert not rec["ok"] and rec["error_kind"] == "step_check", rec
+
+
+def test_the_commit_named_by_the_sender_wins_over_git(monkeypatch):
+    # a copy on the GPU host may carry a stale .git; the named commit is what was measured
+    monkeypatch.setenv("SLIDESPARSE_COMMIT", "0" * 40)
+    assert mx._code_version() == {"commit": "0" * 40, "dirty": None, "source": "SLIDESPARSE_COMMIT"}
+    monkeypatch.delenv("SLIDESPARSE_COMMIT")
+    v = mx._code_version()
+    assert v["source"] == "git" and v["commit"] != "0" * 40

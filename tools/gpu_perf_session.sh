@@ -17,9 +17,10 @@
 # own log; $RES/session.log says where it is. Re-running skips finished work (converted models,
 # tuned tables, finished e2e points).
 #
-# Environment: PRESET (qwen2.5-7b), VARIANTS (fp8,2_8-fp8,2_4-fp8,int8,2_8-int8), PREFILL_M
+# Environment: PRESET (qwen2.5-7b), VARIANTS (fp8,2_8-fp8,2_4-fp8,int8,2_8-int8; NAME#E repeats NAME
+# in an engine of its own, e.g. ...,fp8#2,2_8-fp8#2 for engine-to-engine variance), PREFILL_M
 # (16384), DECODE_M (256), TUNE_M (64,256,2048,16384), MODELS (/root/models), RES (/root/res),
-# BENCH_M (256,16384), BENCH_FORMS (eager,traced,in_op), BENCH_ROUNDS (2), TEST_TIMEOUT (420 s),
+# BENCH_M (256,16384), BENCH_FORMS (eager,traced,in_op), BENCH_ROUNDS (2), TEST_TIMEOUT (600 s),
 # BENCH_TIMEOUT (420 s); SLIDESPARSE_COMMIT names the commit of a copy without git; SLIDESPARSE_CUTLASS_LIB points at the CUTLASS library if it is not in build/csrc/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,11 +39,12 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
 ss() { python3 -m slidesparse.cli "$@"; }
 say() { echo "$(date -u +%H:%M:%S) $*" | tee -a "$RES/session.log"; }
 base=$MODELS/$PRESET
-ckpt() {  # the checkpoint folder of a variant, named as the e2e matrix driver names it
-  case $1 in fp8|int8) echo "$MODELS/$PRESET-w8a8-$1";; *-*) echo "$MODELS/$PRESET-SlideSparse-${1%-*}-${1#*-}";; esac
+ckpt() {  # the checkpoint folder of a variant, named as the e2e matrix driver names it (NAME#E: NAME's)
+  local v=${1%%#*}
+  case $v in fp8|int8) echo "$MODELS/$PRESET-w8a8-$v";; *-*) echo "$MODELS/$PRESET-SlideSparse-${v%-*}-${v#*-}";; esac
 }
 sparse_ckpts=()
-for v in ${VARIANTS//,/ }; do case $v in 2_*) sparse_ckpts+=("$(ckpt "$v")");; esac; done
+for v in ${VARIANTS//,/ }; do case $v in *#*) ;; 2_*) sparse_ckpts+=("$(ckpt "$v")");; esac; done
 
 say "session: $PRESET [$VARIANTS], stages: $STAGES"
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader | tee -a "$RES/session.log"
@@ -52,6 +54,7 @@ python3 -c 'import torch, triton, vllm; print("torch", torch.__version__, "trito
 (
   [ -f "$base/config.json" ] || ss make-model --preset "$PRESET" --out "$base" --overwrite
   for v in ${VARIANTS//,/ }; do
+    [[ $v == *#* ]] && continue   # a repeat engine of another variant's checkpoint
     d=$(ckpt "$v"); [ -f "$d/config.json" ] && continue
     case $v in
       fp8|int8) ss convert "$base" "$d" --sparsity none --format compressed-tensors --dtype "$v" --overwrite & ;;
@@ -80,9 +83,10 @@ fi
 
 if [[ " $STAGES " == *" tests "* ]]; then
   say "tests/gpu"
-  timeout ${TEST_TIMEOUT:-420} python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -ra --junitxml="$RES/gpu_tests_junit.xml" \
+  timeout ${TEST_TIMEOUT:-600} python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -ra --junitxml="$RES/gpu_tests_junit.xml" \
     > "$RES/gpu_tests.log" 2>&1
-  say "tests/gpu: $(tail -n 1 "$RES/gpu_tests.log")"
+  rc=$?   # 124: the timeout, which can cut the summary line (the junit file has the counts)
+  say "tests/gpu: exit $rc, $(grep -E '[0-9]+ (passed|failed)' "$RES/gpu_tests.log" | tail -n 1)"
 fi
 wait $prep
 say "checkpoints ready: $(ls "$MODELS" | tr '\n' ' ')"

@@ -149,8 +149,9 @@ def e2e(
     models: Optional[str] = typer.Option(None, "--models", help=f"{_MATRIX}: comma-separated make-model presets "
                                          "(llama3.2-1b, qwen2.5-7b, ...), or labels whose checkpoints --base/--ckpt give"),
     variants: str = typer.Option(None, "--variants", help=f"{_MATRIX}: comma-separated, from bf16, fp8, int8 "
-                                 "(dense W8A8 compressed-tensors), fp8-online, SP-DT (2_4-fp8, 2_8-int8, 2_6-bf16, ...) "
-                                 "(default: bf16,fp8,int8 and 2_4/2_6/2_8/2_10 in fp8 and int8)"),
+                                 "(dense W8A8 compressed-tensors), fp8-online, SP-DT (2_4-fp8, 2_8-int8, 2_6-bf16, ...); NAME#E "
+                                 "measures NAME again in an engine of its own (fp8,2_8-fp8,fp8#2,2_8-fp8#2: "
+                                 "engine-to-engine spread) (default: bf16,fp8,int8 and 2_4/2_6/2_8/2_10 in fp8 and int8)"),
     prefill_m: str = typer.Option(None, "--prefill-m", help=f"{_MATRIX}: tokens per prefill step "
                                   "(default: 512,1024,...,65536; '' for none)"),
     decode_m: str = typer.Option(None, "--decode-m", help=f"{_MATRIX}: concurrent decode sequences "

@@ -28,6 +28,7 @@ import select
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,19 +56,26 @@ class MatrixError(SlideSparseError):
 
 @dataclass(frozen=True)
 class Variant:
-    name: str              # as the user writes it: bf16, fp8, int8, fp8-online, 2_8-fp8, ...
+    name: str              # as the user writes it: bf16, fp8, int8, fp8-online, 2_8-fp8, ..., 2_8-fp8#2
     kind: str              # "bf16" | "dense" (compressed-tensors W8A8) | "online" | "slidesparse"
     dtype: str             # "bf16" | "fp8" | "int8"
     sparsity: str | None = None
+    engine: int = 1        # NAME#E: the same checkpoint measured again in its own (E-th) engine
+
+    @property
+    def base_name(self) -> str:
+        return self.name.partition("#")[0]
 
     @property
     def baseline(self) -> str | None:
-        """The variant this one's speed-up is over (None: bf16 is the reference of the references)."""
+        """The variant this one's speed-up is over (None: bf16 is the reference of the references):
+        a repeat engine's speed-up is over the baseline's engine of the same number."""
+        b = None
         if self.kind == "slidesparse":
-            return self.dtype if self.dtype != "bf16" else "bf16"
-        if self.kind in ("dense", "online"):
-            return "bf16"
-        return None
+            b = self.dtype if self.dtype != "bf16" else "bf16"
+        elif self.kind in ("dense", "online"):
+            b = "bf16"
+        return None if b is None else b + (f"#{self.engine}" if self.engine > 1 else "")
 
     @property
     def label(self) -> str:
@@ -76,8 +84,17 @@ class Variant:
 
 
 def parse_variant(name: str) -> Variant:
+    s, hash_, e = name.strip().lower().partition("#")
+    if not hash_:
+        return _parse_base_variant(name, s)
+    if not e.isdigit() or int(e) < 2:
+        raise MatrixError(f"variant {name!r}: a repeat is NAME#E with an engine number E >= 2 (e.g. fp8#2)")
+    v = _parse_base_variant(name, s)
+    return Variant(f"{v.name}#{int(e)}", v.kind, v.dtype, v.sparsity, int(e))
+
+
+def _parse_base_variant(name: str, s: str) -> Variant:
     from ..core.pattern import PatternError, parse_pattern
-    s = name.strip().lower()
     if s == "bf16":
         return Variant("bf16", "bf16", "bf16")
     if s in ("fp8", "int8"):
@@ -293,8 +310,9 @@ class Checkpoints:
         return Path(self.bases.get(model) or self.given.get((model, "bf16")) or self.dir / model)
 
     def path(self, model: str, v: Variant) -> Path:
-        if (model, v.name) in self.given:
-            return Path(self.given[(model, v.name)])
+        for name in (v.name, v.base_name):   # a repeat engine measures its variant's checkpoint
+            if (model, name) in self.given:
+                return Path(self.given[(model, name)])
         if v.kind in ("bf16", "online"):
             return self.base(model)
         if v.kind == "dense":
@@ -302,7 +320,8 @@ class Checkpoints:
         return self.dir / f"{model}-SlideSparse-{v.sparsity}-{v.dtype}"
 
     def user_given(self, model: str, v: Variant) -> bool:
-        return (model, v.name) in self.given or (v.kind in ("bf16", "online") and model in self.bases)
+        return ((model, v.name) in self.given or (model, v.base_name) in self.given
+                or (v.kind in ("bf16", "online") and model in self.bases))
 
     def _run(self, cmd: list[str], what: str) -> None:
         self.log(f"  {what}: slidesparse {shlex.join(cmd[cmd.index('-m') + 2:])}")
@@ -560,6 +579,11 @@ class _Worker:
 
 
 def _code_version() -> dict:
+    """The commit the results were measured on. SLIDESPARSE_COMMIT, when set, names it: a copy sent
+    to the GPU host may carry no git, or a stale one (there git once answered with an older commit,
+    "dirty", for a tree of a newer one), and the sender knows what it sent."""
+    if os.environ.get("SLIDESPARSE_COMMIT"):
+        return {"commit": os.environ["SLIDESPARSE_COMMIT"], "dirty": None, "source": "SLIDESPARSE_COMMIT"}
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -568,10 +592,7 @@ def _code_version() -> dict:
                                     capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    if commit is None and os.environ.get("SLIDESPARSE_COMMIT"):
-        # a copy without git (the GPU host gets `git archive` of a commit): the sender names it
-        commit, dirty = os.environ["SLIDESPARSE_COMMIT"], False
-    return {"commit": commit, "dirty": dirty}
+    return {"commit": commit, "dirty": dirty if commit else None, "source": "git"}
 
 
 def run_engine(model: str, v: Variant, ckpt: Path, points: list[dict], settings: Settings, results: ResultsFile,
@@ -837,7 +858,8 @@ def run_matrix(plan: Plan, out: Path, ckpts: Checkpoints, timeouts: Timeouts, re
                                 "settings": skey, "log": str(lp), **common, **r, "time": _now()})
                 log(f"    bench: {r['tok_s']:,.0f} tok/s" if r["ok"] else f"    bench FAILED: {r['error']}")
             write_report(out)
-            ckpts.release(model, v)
+            if ckpts.path(model, v) not in {ckpts.path(model, w) for w, _, _ in jobs[i + 1:]}:
+                ckpts.release(model, v)   # not while a later engine (a repeat) still measures it
         if ahead is not None:
             ahead.join()
         if delete_base:
@@ -877,7 +899,7 @@ def _order(names: list[str]) -> list[str]:
         rank = {"bf16": 0, "dense": 1, "online": 2, "slidesparse": 3}[v.kind]
         dt = {"bf16": 2, "fp8": 0, "int8": 1}[v.dtype]
         L = 10**9 if not v.sparsity else (10**8 if v.sparsity == "2_inf" else int(v.sparsity.split("_")[1]))
-        return (rank, dt, L, n)
+        return (rank, dt, L, v.engine, n)
     return sorted(names, key=key)
 
 
@@ -956,6 +978,7 @@ def markdown(records: list[dict]) -> str:
                     out.append(s)
             lines.append(f"| {variant} | {wcell} | " + " | ".join(out) + " |")
         lines.append("")
+    lines += _repeats(rows)
     cc = [r for r in records if r.get("kind") == "crosscheck"]
     if cc:
         pts = latest(records, "point")
@@ -998,6 +1021,27 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _repeats(rows: list[dict]) -> list[str]:
+    """Engine-to-engine spread: every point measured in more than one engine (NAME, NAME#2, ...)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["ok"]:
+            groups.setdefault((r["model"], parse_variant(r["variant"]).base_name, r["phase"], r["m"]), []).append(r)
+    groups = {k: g for k, g in groups.items() if len(g) > 1}
+    if not groups:
+        return []
+    lines = ["## Engine repeats: the same checkpoint and point in separate engines", "",
+             "| model | variant | point | tok/s per engine | (max - min) / median | speed-ups |", "|---|---|---|---|---:|---|"]
+    for (model, name, phase, m), g in groups.items():
+        g = sorted(g, key=lambda r: parse_variant(r["variant"]).engine)
+        toks = [r["tok_s"] for r in g]
+        med = statistics.median(toks)
+        sp = ", ".join(f"{r['speedup']:.3f}x" for r in g if r["speedup"] is not None)
+        lines.append(f"| {model} | {name} | {phase} M={m} | {', '.join(f'{t:,.0f}' for t in toks)} | "
+                     f"{(max(toks) - min(toks)) / med:.1%} | {sp} |")
+    return lines + [""]
+
+
 def plot(records: list[dict], path: Path) -> bool:
     """Speed-up against M: one panel per (model, phase, dtype), one line per SlideSparse pattern."""
     rows = [r for r in table_rows(records) if parse_variant(r["variant"]).kind == "slidesparse"
@@ -1018,7 +1062,8 @@ def plot(records: list[dict], path: Path) -> bool:
         for variant in _order(list({r["variant"] for r in sub})):
             pts = sorted((r for r in sub if r["variant"] == variant), key=lambda r: r["m"])
             good = [r for r in pts if r["speedup"] is not None]
-            ax.plot([r["m"] for r in good], [r["speedup"] for r in good], marker="o", label=variant.split("-")[0])
+            ax.plot([r["m"] for r in good], [r["speedup"] for r in good], marker="o",
+                    label=variant.split("-")[0] + (f" #{parse_variant(variant).engine}" if "#" in variant else ""))
             bad = [r for r in pts if not r["ok"]]
             if bad:
                 ax.plot([r["m"] for r in bad], [1.0] * len(bad), "x", color="red", ms=9)

@@ -132,6 +132,27 @@ class _few_threads:
             torch.set_num_threads(self.before)
 
 
+class _tf32_matmuls:
+    """On CUDA, the float32 matmuls of the calibration forwards (the layer, and the statistics
+    X^T X its hooks accumulate) in TF32: on a Hopper GPU float32 without tensor cores runs at
+    about 1/8 of that rate, and these matmuls are most of a 7B calibration's arithmetic. The
+    activations carry the checkpoint's bf16 precision anyway, and TF32 keeps float32's range and
+    accumulation. The pruning itself (SparseGPT's float64 Cholesky, its float32 sweep and block
+    updates) runs outside, unchanged. On the CPU nothing changes."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.before = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high")
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.set_float32_matmul_precision(self.before)
+
+
 def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, pat: Pattern | str, block: int | None = None,
                     damp: float = DEFAULT_DAMP, grid=None, compute: torch.dtype = torch.float32) -> torch.Tensor:
     """SparseGPT to Z_L: w [N, K] and h = sum x x^T [K, K] -> the pruned (and, with `grid`,
@@ -162,21 +183,28 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, pat: Pattern | str, block:
     for b0 in range(0, kp, block):
         b1 = min(b0 + block, kp)
         W1, U1 = Wt[b0:b1], U[b0:b1, b0:b1]
-        E1 = torch.zeros_like(W1)
-        d2 = torch.diagonal(U1)[:, None] ** 2
+        E1 = torch.empty_like(W1)
+        d = torch.diagonal(U1)[:, None]
         drop = None
+        # each column step is a few launches on one row: on a GPU their count, not their
+        # arithmetic, sets the time (about 30k columns per Qwen2.5-7B layer), so the step writes
+        # its results in place instead of through temporaries
         with _few_threads(dev):
             for i in range(b1 - b0):
-                if i % L == 0:  # a new group: choose its 2 zeros with the weights as updated so far
-                    drop = ~prune_mask((W1[i: i + L] ** 2 / d2[i: i + L]).T, pat).T
-                col = W1[i]
-                q = col.masked_fill(drop[i % L], 0.0)
-                if grid is not None:
-                    q = grid(q)
-                err = (col - q) / U1[i, i]
-                W1[i] = q
+                j = i % L
+                if j == 0:  # a new group: choose its 2 zeros with the weights as updated so far
+                    drop = ~prune_mask((W1[i: i + L] / d[i: i + L]).square_().T, pat).T
+                    if grid is None:  # err = (w - q) / U_ii is w / U_ii where dropped, else 0
+                        err_scale = drop.to(W1.dtype).div_(d[i: i + L])
+                err = E1[i]
+                if grid is None:
+                    torch.mul(W1[i], err_scale[j], out=err)
+                    W1[i].masked_fill_(drop[j], 0.0)
+                else:
+                    err.copy_(W1[i])
+                    W1[i] = grid(W1[i].masked_fill_(drop[j], 0.0))
+                    err.sub_(W1[i]).div_(U1[i, i])
                 W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
-                E1[i] = err
         if b1 < kp:
             Wt[b1:].addmm_(U[b0:b1, b1:].T, E1, alpha=-1.0)
     W = Wt.T
@@ -335,7 +363,7 @@ class Calibrator:
         """Run every calibration window through `layer` (in chunks); write: keep the outputs."""
         per = max(1, CHUNK_TOKENS // self.s.seq_len)
         cos, sin = self._rope
-        with torch.no_grad():
+        with torch.no_grad(), _tf32_matmuls(self.device):
             for s0 in range(0, self._hidden.shape[0], per):
                 x = self._hidden[s0: s0 + per]
                 pos = self._pos.expand(x.shape[0], -1)
@@ -403,25 +431,31 @@ class Calibrator:
                 else:
                     acc.add_((x * x).sum(0))
             hooks.append(lin.register_forward_pre_hook(hook))
-        t0 = time.perf_counter()
+        t0 = self._clock()
         try:
             self._forward(lay.module, write=False)
         finally:
             for h in hooks:
                 h.remove()
-        t1 = time.perf_counter()
+        t1 = self._clock()
         for group in INPUT_GROUPS:
             names = [prefix + m for m in group if prefix + m in self.targets]
             if names:
                 self._prune_group(lay, names, lay.stats.pop(prefix + group[0]))  # H freed after its group
-        t2 = time.perf_counter()
+        t2 = self._clock()
         if i + 1 < self.layers_total:  # the last layer's outputs feed nothing we prune
             self._forward(lay.module, write=True)
-        t3 = time.perf_counter()
+        t3 = self._clock()
         for k, v in (("collect", t1 - t0), ("prune", t2 - t1), ("propagate", t3 - t2)):
             self.phases[k] = self.phases.get(k, 0.0) + v
         if self._bar is not None:
             self._bar.update(1)
+
+    def _clock(self) -> float:
+        """perf_counter after the device's queued work (phases on a GPU would otherwise be launch times)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _grid_scale(self, lay: _Layer, name: str) -> torch.Tensor | None:
         """The per-row scale of the grid SparseGPT rounds onto (BitNet, compressed-tensors), or None."""

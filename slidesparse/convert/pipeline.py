@@ -366,7 +366,8 @@ def _convert(src, dst, sparsity, dtype, fmt, ignore, overwrite, max_shard_bytes,
         "bytes_in": sum(i.nbytes for i in ckpt.tensors.values()), "bytes_out": writer.total,
         "seconds": round(time.perf_counter() - t0, 3),
         "pruning": calibrator.s.method if calibrator else ("magnitude" if pat is not None and pat.zeros else "none"),
-        **({"calibration_seconds": round(calibrator.seconds, 3)} if calibrator else {}),
+        **({"calibration_seconds": round(calibrator.seconds, 3),
+            "calibration_phases": {k: round(v, 3) for k, v in calibrator.phases.items()}} if calibrator else {}),
     }
 
 
