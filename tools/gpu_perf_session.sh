@@ -6,8 +6,8 @@
 #
 # Stages (STAGES, default all, in this order): tests (tests/gpu, with vLLM importable so the dense
 # buckets and baselines run vLLM's CUTLASS kernel) while the CPU makes the model and converts the
-# variants; sparsegpt (a timed `--prune sparsegpt --device cuda` conversion of the preset, started
-# once the base model exists, beside the tests; its output is deleted: random weights, speed only);
+# variants; sparsegpt (a timed `--prune sparsegpt --device cuda` conversion of the preset, alone
+# after every other stage, or with SGPT_WHEN=beside next to the tests; its output is deleted);
 # tune (every SlideSparse variant in one `slidesparse tune`, the dense timings shared); e2e
 # (`slidesparse bench e2e --matrix`: one vLLM engine per variant, prefill and decode points);
 # e2e_b (a second matrix in e2e_matrix_b/: the first variant again, for engine-to-engine
@@ -66,17 +66,20 @@ python3 -c 'import torch, triton, vllm; print("torch", torch.__version__, "trito
 prep=$!
 say "preparing checkpoints in the background (prepare.log)"
 
+sparsegpt_7b() {  # the timed SparseGPT conversion; its output is deleted (random weights: speed only)
+  while [ ! -f "$base/config.json" ]; do sleep 5; kill -0 $prep 2>/dev/null || break; done
+  echo "start $(date -u +%T) ($1)"
+  /usr/bin/time -v timeout ${SGPT_TIMEOUT:-900} python3 -m slidesparse.cli convert "$base" "$MODELS/sparsegpt-out" \
+    --sparsity 2_8 --dtype fp8 --prune sparsegpt --device cuda --calib-samples 128 --calib-len 2048 --json --overwrite
+  echo "exit $? at $(date -u +%T)"
+  du -sb "$MODELS/sparsegpt-out" 2>/dev/null
+  rm -rf "$MODELS/sparsegpt-out"
+}
 sgpt=
-if [[ " $STAGES " == *" sparsegpt "* ]]; then
-  (
-    while [ ! -f "$base/config.json" ]; do sleep 5; kill -0 $prep 2>/dev/null || break; done
-    echo "start $(date -u +%T), beside tests/gpu and the CPU conversions"
-    /usr/bin/time -v timeout ${SGPT_TIMEOUT:-900} python3 -m slidesparse.cli convert "$base" "$MODELS/sparsegpt-out" \
-      --sparsity 2_8 --dtype fp8 --prune sparsegpt --device cuda --calib-samples 128 --calib-len 2048 --json --overwrite
-    echo "exit $? at $(date -u +%T)"
-    du -sb "$MODELS/sparsegpt-out" 2>/dev/null
-    rm -rf "$MODELS/sparsegpt-out"
-  ) > "$RES/sparsegpt_7b.log" 2>&1 &
+# SGPT_WHEN=beside runs it beside the tests and the CPU conversions (its time is then an upper
+# bound, and the stages after the tests wait for it); the default runs it alone, after the rest
+if [[ " $STAGES " == *" sparsegpt "* && ${SGPT_WHEN:-last} == beside ]]; then
+  sparsegpt_7b "beside tests/gpu and the CPU conversions" > "$RES/sparsegpt_7b.log" 2>&1 &
   sgpt=$!
   say "sparsegpt conversion in the background (sparsegpt_7b.log)"
 fi
@@ -141,5 +144,10 @@ if [[ " $STAGES " == *" bench "* ]]; then
     --dtypes fp8_e4m3,int8 --sparsities 2_4,2_8 --rounds "${BENCH_ROUNDS:-2}" --forms "${BENCH_FORMS:-eager,traced,in_op}" --out "$RES/kernel_bench" \
     > "$RES/bench.log" 2>&1
   say "bench: exit $?"
+fi
+if [[ " $STAGES " == *" sparsegpt "* && ${SGPT_WHEN:-last} != beside ]]; then
+  say "sparsegpt conversion, alone"
+  sparsegpt_7b "alone on the host" > "$RES/sparsegpt_7b.log" 2>&1
+  say "sparsegpt: $(grep -E 'Elapsed|^exit' "$RES/sparsegpt_7b.log" | tr '\n' ' ')"
 fi
 say "session done"
