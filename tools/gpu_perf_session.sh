@@ -10,9 +10,9 @@
 # after every other stage, or with SGPT_WHEN=beside next to the tests; its output is deleted);
 # tune (every SlideSparse variant in one `slidesparse tune`, the dense timings shared); e2e
 # (`slidesparse bench e2e --matrix`: one vLLM engine per variant, prefill and decode points);
-# e2e_b (a second matrix in e2e_matrix_b/: the first variant again, for engine-to-engine
-# variance, and each of OBJ_VARIANTS tuned with `--objective prefill` on a copy that shares the
-# weights); profile (tools/gpu_profile_vllm.py, prefill and decode traces of PROFILE_VARIANTS);
+# e2e_b (a second matrix in e2e_matrix_b/: each of OBJ_VARIANTS tuned with `--objective prefill`
+# on a copy that shares the weights, against the first variant as its baseline in that matrix;
+# engine-to-engine variance is NAME#E in VARIANTS); profile (tools/gpu_profile_vllm.py, prefill and decode traces of PROFILE_VARIANTS);
 # bench (`slidesparse bench kernel`). Everything lands in $RES (default /root/res), each stage in its
 # own log; $RES/session.log says where it is. Re-running skips finished work (converted models,
 # tuned tables, finished e2e points).

@@ -26,10 +26,7 @@ def _trace(run) -> tuple[float, dict, list]:
     import torch
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) * 1000
+        wall = _timed(run) * 1000
     kernels = {}
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
@@ -40,6 +37,16 @@ def _trace(run) -> tuple[float, dict, list]:
                   if e.key.startswith(("slidesparse::", "vllm::", "_C::", "aten::_scaled_mm", "aten::mm"))),
                  key=lambda t: -t[1])[:15]
     return wall, kernels, ops
+
+
+def _timed(run) -> float:
+    """Seconds of run(), the GPU's queued work included."""
+    import torch
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def _summary(wall: float, kernels: dict, ops: list, top: int = 30) -> dict:
@@ -60,11 +67,8 @@ def profile_decode(llm, vocab: int, seqs: int, length: int) -> dict:
 
     sp = SamplingParams(max_tokens=length, ignore_eos=True)
     llm.generate(prompts(), sp, use_tqdm=False)                          # warm-up
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    llm.generate(prompts(), sp, use_tqdm=False)
-    torch.cuda.synchronize()
-    out_tok_s = seqs * length / (time.perf_counter() - t0)
+    ps = prompts()
+    out_tok_s = seqs * length / _timed(lambda: llm.generate(ps, sp, use_tqdm=False))
     ps = prompts()
     wall, kernels, ops = _trace(lambda: llm.generate(ps, sp, use_tqdm=False))
     return dict(seqs=seqs, decode_len=length, out_tok_s=out_tok_s, steps=length,
@@ -88,13 +92,7 @@ def profile_one(name: str, ckpt: str, out: Path, input_len: int = 2048, batched:
     sp = SamplingParams(max_tokens=1, ignore_eos=True)
     llm.generate(prompts(2 * per_step), sp, use_tqdm=False)            # warm-up
     ps = prompts(16 * per_step)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    llm.generate(ps, sp, use_tqdm=False)
-    sync()
-    wall = time.perf_counter() - t0
-    tok_s = len(ps) * input_len / wall
+    tok_s = len(ps) * input_len / _timed(lambda: llm.generate(ps, sp, use_tqdm=False))
     ps = prompts(2 * per_step)
     wall_ms, kernels, ops = _trace(lambda: llm.generate(ps, sp, use_tqdm=False))
     res = dict(name=name, ckpt=ckpt, tok_s=tok_s, steps=2, **_summary(wall_ms, kernels, ops))

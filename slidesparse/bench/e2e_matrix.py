@@ -309,10 +309,13 @@ class Checkpoints:
     def base(self, model: str) -> Path:
         return Path(self.bases.get(model) or self.given.get((model, "bf16")) or self.dir / model)
 
+    def _given(self, model: str, v: Variant) -> str | None:
+        """The user's path for this variant; a repeat engine (NAME#E) measures NAME's checkpoint."""
+        return self.given.get((model, v.name)) or self.given.get((model, v.base_name))
+
     def path(self, model: str, v: Variant) -> Path:
-        for name in (v.name, v.base_name):   # a repeat engine measures its variant's checkpoint
-            if (model, name) in self.given:
-                return Path(self.given[(model, name)])
+        if self._given(model, v):
+            return Path(self._given(model, v))
         if v.kind in ("bf16", "online"):
             return self.base(model)
         if v.kind == "dense":
@@ -320,8 +323,7 @@ class Checkpoints:
         return self.dir / f"{model}-SlideSparse-{v.sparsity}-{v.dtype}"
 
     def user_given(self, model: str, v: Variant) -> bool:
-        return ((model, v.name) in self.given or (model, v.base_name) in self.given
-                or (v.kind in ("bf16", "online") and model in self.bases))
+        return bool(self._given(model, v)) or (v.kind in ("bf16", "online") and model in self.bases)
 
     def _run(self, cmd: list[str], what: str) -> None:
         self.log(f"  {what}: slidesparse {shlex.join(cmd[cmd.index('-m') + 2:])}")
