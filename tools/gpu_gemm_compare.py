@@ -171,13 +171,12 @@ def cslt_variants(xl, w_slid, s_tok, s_ch, bias, label):
 def torchao_variant(xl, w_slid, s_tok, s_ch, bias):
     try:
         import torchao  # noqa: F401
-        from torchao.ops import rowwise_scaled_linear_sparse_cutlass_f8f8
-        # torchao's SM90 compressor takes a dense 2:4 tensor and returns (values, metadata)
-        wv, wm = torch.ops.torchao.sparse24_sm90_sparsify(w_slid.to(torch.bfloat16), "cutlass", "identity",
-                                                          "largest", dtype=torch.float8_e4m3fn,
-                                                          scale=torch.ones((), device="cuda"))
+        from torchao.ops import rowwise_scaled_linear_sparse_cutlass_f8f8, to_sparse_semi_structured_cutlass_sm9x_f8
+        # the compressor torchao's own Float8 2:4 tensor uses (Sparse2x4 from_hp): the 2:4 FP8 weight
+        # in its dense layout -> (values [N, K'/2], metadata)
+        wv, wm = to_sparse_semi_structured_cutlass_sm9x_f8(w_slid.contiguous())
         return {"torchao_cutlass": lambda: rowwise_scaled_linear_sparse_cutlass_f8f8(
-            xl, s_tok, wv, wm, s_ch, bias, torch.bfloat16)}
+            xl, s_tok.float(), wv, wm, s_ch.float(), bias, torch.bfloat16)}
     except Exception as e:  # noqa: BLE001
         return {"torchao_cutlass": e}
 

@@ -13,22 +13,28 @@
 # e2e_b (a second matrix in e2e_matrix_b/: each of OBJ_VARIANTS tuned with `--objective prefill`
 # on a copy that shares the weights, against the first variant as its baseline in that matrix;
 # engine-to-engine variance is NAME#E in VARIANTS); profile (tools/gpu_profile_vllm.py, prefill and decode traces of PROFILE_VARIANTS);
-# bench (`slidesparse bench kernel`). Everything lands in $RES (default /root/res), each stage in its
-# own log; $RES/session.log says where it is. Re-running skips finished work (converted models,
-# tuned tables, finished e2e points).
+# bench (`slidesparse bench kernel`); gemm (tools/gpu_gemm_compare.py: the GEMM with its epilogue
+# against vLLM's CUTLASS dense, torch._scaled_mm, cuSPARSELt, torchao's CUTLASS 2:4 kernel when
+# .whl/ holds its wheel, and SlideSparse's CUTLASS kernel); gemm010 (the same problems on
+# cuSPARSELt 0.10 through LD_PRELOAD of $CSLT010, waiting up to GEMM010_WAIT s for the file, which
+# later device calls assemble from .cslt010/). SGPT_WHEN=first runs the sparsegpt stage alone right
+# after the checkpoints are made, before the other GPU stages. Everything lands in $RES (default
+# /root/res), each stage in its own log; $RES/session.log says where it is. Re-running skips
+# finished work (converted models, tuned tables, finished e2e points).
 #
-# Environment: PRESET (qwen2.5-7b), VARIANTS (fp8,2_8-fp8,2_4-fp8,int8,2_8-int8; NAME#E repeats NAME
+# Environment: PRESET (qwen2.5-7b), SGPT_PRESET (the sparsegpt stage's model, PRESET), VARIANTS (fp8,2_8-fp8,2_4-fp8,int8,2_8-int8; NAME#E repeats NAME
 # in an engine of its own, e.g. ...,fp8#2,2_8-fp8#2 for engine-to-engine variance), PREFILL_M
 # (16384), DECODE_M (256), TUNE_M (64,256,2048,16384), MODELS (/root/models), RES (/root/res),
 # BENCH_M (256,16384), BENCH_FORMS (eager,traced,in_op), BENCH_ROUNDS (2), TEST_TIMEOUT (600 s),
-# BENCH_TIMEOUT (420 s); SLIDESPARSE_COMMIT names the commit of a copy without git; SLIDESPARSE_CUTLASS_LIB points at the CUTLASS library if it is not in build/csrc/.
+# BENCH_TIMEOUT (420 s), TESTS (pytest paths, tests/gpu), GEMM_PRESETS (qwen2.5-7b,llama3.2-1b), GEMM_M
+# (64,256,1024,4096,16384), CSLT010 (/root/c/libcusparseLt.so.0); SLIDESPARSE_COMMIT names the commit of a copy without git; SLIDESPARSE_CUTLASS_LIB points at the CUTLASS library if it is not in build/csrc/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES=${RES:-/root/res}
 MODELS=${MODELS:-/root/models}
 PRESET=${PRESET:-qwen2.5-7b}
 VARIANTS=${VARIANTS:-fp8,2_8-fp8,2_4-fp8,int8,2_8-int8}
-STAGES=${STAGES:-tests sparsegpt tune e2e e2e_b profile bench}
+STAGES=${STAGES:-tests sparsegpt tune e2e e2e_b profile bench gemm gemm010}
 OBJ_VARIANTS=${OBJ_VARIANTS:-2_8-fp8}
 PROFILE_VARIANTS=${PROFILE_VARIANTS:-fp8,2_8-fp8}
 mkdir -p "$RES" "$MODELS"
@@ -39,6 +45,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
 ss() { python3 -m slidesparse.cli "$@"; }
 say() { echo "$(date -u +%H:%M:%S) $*" | tee -a "$RES/session.log"; }
 base=$MODELS/$PRESET
+SGPT_PRESET=${SGPT_PRESET:-$PRESET}
+sgpt_base=$MODELS/$SGPT_PRESET
 ckpt() {  # the checkpoint folder of a variant, named as the e2e matrix driver names it (NAME#E: NAME's)
   local v=${1%%#*}
   case $v in fp8|int8) echo "$MODELS/$PRESET-w8a8-$v";; *-*) echo "$MODELS/$PRESET-SlideSparse-${v%-*}-${v#*-}";; esac
@@ -52,6 +60,9 @@ python3 -c 'import torch, triton, vllm; print("torch", torch.__version__, "trito
 
 # the model and its variants, on the CPU, while the GPU runs the tests
 (
+  if [[ " $STAGES " == *" sparsegpt "* ]] && [ ! -f "$sgpt_base/config.json" ]; then
+    ss make-model --preset "$SGPT_PRESET" --out "$sgpt_base" --overwrite
+  fi
   [ -f "$base/config.json" ] || ss make-model --preset "$PRESET" --out "$base" --overwrite
   for v in ${VARIANTS//,/ }; do
     [[ $v == *#* ]] && continue   # a repeat engine of another variant's checkpoint
@@ -67,9 +78,9 @@ prep=$!
 say "preparing checkpoints in the background (prepare.log)"
 
 sparsegpt_7b() {  # the timed SparseGPT conversion; its output is deleted (random weights: speed only)
-  while [ ! -f "$base/config.json" ]; do sleep 5; kill -0 $prep 2>/dev/null || break; done
-  echo "start $(date -u +%T) ($1)"
-  /usr/bin/time -v timeout ${SGPT_TIMEOUT:-900} python3 -m slidesparse.cli convert "$base" "$MODELS/sparsegpt-out" \
+  while [ ! -f "$sgpt_base/config.json" ]; do sleep 5; kill -0 $prep 2>/dev/null || break; done
+  echo "start $(date -u +%T) ($1; $SGPT_PRESET)"
+  /usr/bin/time -v timeout ${SGPT_TIMEOUT:-900} python3 -m slidesparse.cli convert "$sgpt_base" "$MODELS/sparsegpt-out" \
     --sparsity 2_8 --dtype fp8 --prune sparsegpt --device cuda --calib-samples 128 --calib-len 2048 --json --overwrite
   echo "exit $? at $(date -u +%T)"
   du -sb "$MODELS/sparsegpt-out" 2>/dev/null
@@ -86,7 +97,7 @@ fi
 
 if [[ " $STAGES " == *" tests "* ]]; then
   say "tests/gpu"
-  timeout ${TEST_TIMEOUT:-600} python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -ra --junitxml="$RES/gpu_tests_junit.xml" \
+  timeout ${TEST_TIMEOUT:-600} python3 -m pytest -m gpu ${TESTS:-tests/gpu} -q -p no:cacheprovider -ra --junitxml="$RES/gpu_tests_junit.xml" \
     > "$RES/gpu_tests.log" 2>&1
   rc=$?   # 124: the timeout, which can cut the summary line (the junit file has the counts)
   say "tests/gpu: exit $rc, $(grep -E '[0-9]+ (passed|failed)' "$RES/gpu_tests.log" | tail -n 1)"
@@ -95,6 +106,30 @@ wait $prep
 say "checkpoints ready: $(ls "$MODELS" | tr '\n' ' ')"
 if [ -n "$sgpt" ]; then wait $sgpt; say "sparsegpt: $(grep -E 'Elapsed|^exit' "$RES/sparsegpt_7b.log" | tr '\n' ' ')"; fi
 df -h "$MODELS" | tail -1 | tee -a "$RES/session.log"
+sparsegpt_alone() {
+  say "sparsegpt conversion, alone"
+  sparsegpt_7b "alone on the host" > "$RES/sparsegpt_7b.log" 2>&1
+  say "sparsegpt: $(grep -E 'Elapsed|^exit' "$RES/sparsegpt_7b.log" | tr '\n' ' ')"
+}
+if [[ " $STAGES " == *" sparsegpt "* && ${SGPT_WHEN:-last} == first ]]; then sparsegpt_alone; fi
+
+gemm_compare() {  # $1: output name, then extra arguments
+  local name=$1; shift
+  local pp=
+  if ls .whl/torchao-*.whl >/dev/null 2>&1; then   # a private target: vLLM in the same env never sees it
+    [ -d /root/torchao_site ] || python3 -m pip install -q --no-deps --target /root/torchao_site .whl/torchao-*.whl
+    pp=/root/torchao_site
+  fi
+  mkdir -p "$RES/gemm"
+  PYTHONPATH=$pp${PYTHONPATH:+:$PYTHONPATH} timeout ${GEMM_TIMEOUT:-600} python3 tools/gpu_gemm_compare.py \
+    --out "$RES/gemm/$name" --presets "${GEMM_PRESETS:-qwen2.5-7b,llama3.2-1b}" --m "${GEMM_M:-64,256,1024,4096,16384}" \
+    --patterns 2_4,2_8 --dtypes fp8,int8 --reps 5 --rounds 3 "$@"
+}
+if [[ " $STAGES " == *" gemm "* ]]; then
+  say "gemm compare (tools/gpu_gemm_compare.py)"
+  gemm_compare compare > "$RES/gemm_compare.log" 2>&1
+  say "gemm: exit $?"
+fi
 
 if [[ " $STAGES " == *" tune "* ]] && [ ${#sparse_ckpts[@]} -gt 0 ]; then
   say "tune ${#sparse_ckpts[@]} checkpoints"
@@ -145,9 +180,16 @@ if [[ " $STAGES " == *" bench "* ]]; then
     > "$RES/bench.log" 2>&1
   say "bench: exit $?"
 fi
-if [[ " $STAGES " == *" sparsegpt "* && ${SGPT_WHEN:-last} != beside ]]; then
-  say "sparsegpt conversion, alone"
-  sparsegpt_7b "alone on the host" > "$RES/sparsegpt_7b.log" 2>&1
-  say "sparsegpt: $(grep -E 'Elapsed|^exit' "$RES/sparsegpt_7b.log" | tr '\n' ' ')"
+if [[ " $STAGES " == *" gemm010 "* ]]; then
+  lib=${CSLT010:-/root/c/libcusparseLt.so.0}
+  for _ in $(seq 1 $(( ${GEMM010_WAIT:-0} / 10 ))); do [ -f "$lib" ] && break; sleep 10; done
+  if [ -f "$lib" ]; then
+    say "gemm compare, cuSPARSELt 0.8 and 0.10 ($lib)"
+    gemm_compare compare_cslt010 --only cusparselt --cslt010 "$lib" > "$RES/gemm_cslt010.log" 2>&1
+    say "gemm010: exit $?"
+  else
+    say "gemm010: $lib not there, not run"
+  fi
 fi
+if [[ " $STAGES " == *" sparsegpt "* && ${SGPT_WHEN:-last} == last ]]; then sparsegpt_alone; fi
 say "session done"
