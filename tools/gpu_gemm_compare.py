@@ -291,7 +291,7 @@ def summarize(rows, cmd, meta) -> str:
     lines += ["## Best SlideSparse configuration per layer (what the tuner would store)", "",
               "| preset | layer | dtype | pattern | M | config | ms | TFLOP/s (dense-equivalent 2MNK) |",
               "|---|---|---|---|---|---|---|---|"]
-    for r in sorted((r for r in rows if r["variant"] == "slidesparse_cutlass"),
+    for r in sorted((r for r in rows if r["variant"] == "slidesparse_cutlass" and r["ms"] is not None),
                     key=lambda r: (r["preset"], r["dtype"], r["pattern"], r["m"], r["layer"])):
         lines.append(f"| {r['preset']} | {r['layer']} | {r['dtype']} | {r['pattern']} | {r['m']} | {r['config']} | "
                      f"{r['ms']:.4f} | {r['dense_equiv_tflops']:.0f} |")
@@ -317,43 +317,67 @@ def summarize(rows, cmd, meta) -> str:
 
 
 def merge(paths, out):
-    rows, cmds = [], []
+    """One cross table of several runs. Every ratio is against vLLM's CUTLASS dense (else the best
+    dense kernel) of the run the variant was measured in; a variant measured in several runs is
+    taken from the last of them (the order given)."""
+    table: dict = {}   # (preset, dtype, m) -> {(pattern, variant): (ms, dense ms of that run)}
+    cmds = []
     for p in paths:
         d = json.loads(Path(p).read_text())
-        rows += d["rows"]
         cmds.append(d["command"])
-    sums, counts = {}, {}
-    for r in rows:
-        if r["ms"] is None or r["variant"].startswith(("ss:", "plain:")):
-            continue
-        k = (r["preset"], r["dtype"], r["m"], r["pattern"], r["variant"])
-        sums[k] = sums.get(k, 0.0) + r["ms"]
-        counts[k] = counts.get(k, 0) + 1
-    table: dict = {}
-    for k, v in sums.items():
-        if counts[k] == 4:
-            table.setdefault(k[:3], {})[k[3:]] = v
-    cslt = sorted({v for (_, v) in (x for d in table.values() for x in d) if v.startswith("cusparselt")})
-    dq = next((c for c in cslt if c.endswith("+dequant")), None)
-    go = next((c for c in cslt if c.endswith("_gemm_only")), None)
-    lines = ["# SlideSparse CUTLASS sparse GEMM vs the baselines (H200), four layers summed", "",
-             "ms per call (median of CUDA-graph replays), GEMM with its epilogue (scales, bias, bf16 out) unless",
-             "marked GEMM-only. Dense baseline: torch._scaled_mm with fast accumulation for FP8 (vLLM's",
-             "CUTLASS dense was not installed on the host), the project's Triton INT8 GEMM for INT8.", "",
+        sums, counts = {}, {}
+        for r in d["rows"]:
+            if r["ms"] is None or r["variant"].startswith(("ss:", "plain:")):
+                continue
+            k = (r["preset"], r["dtype"], r["m"], r["pattern"], r["variant"])
+            sums[k] = sums.get(k, 0.0) + r["ms"]
+            counts[k] = counts.get(k, 0) + 1
+        run: dict = {}
+        for k, v in sums.items():
+            if counts[k] == 4:   # all four layers of the preset
+                run.setdefault(k[:3], {})[k[3:]] = v
+        for key, dd in run.items():
+            dense = dd.get(("dense", "vllm_cutlass"))
+            if dense is None:
+                cands = [v for (pt, var), v in dd.items() if pt == "dense" and not var.endswith("gemm_only")]
+                dense = min(cands) if cands else None
+            for pv, ms in dd.items():
+                table.setdefault(key, {})[pv] = (ms, dense)
+    names = sorted({v for d in table.values() for (pt, v) in d if pt != "dense"})
+    cslt = [v for v in names if v.startswith("cusparselt") and not v.endswith("_gemm_only")]
+    sparse_cols = cslt + [v for v in ("torchao_cutlass", "slidesparse_cutlass") if v in names]
+    label = {"torchao_cutlass": "torchao 0.18 CUTLASS", "slidesparse_cutlass": "ours (CUTLASS)"}
+    label |= {c: c.replace("cusparselt_", "cuSPARSELt ") for c in cslt}
+    patterns = sorted({pt for d in table.values() for (pt, _) in d if pt != "dense"})
+    head = ["preset", "dtype", "M", "vLLM CUTLASS dense ms", "torch._scaled_mm / Triton INT8"]
+    head += [f"{pt} {label[c]}" for pt in patterns for c in sparse_cols]
+    lines = ["# Sparse GEMMs with their epilogue against vLLM's dense GEMM (H200), four layers summed", "",
+             "ms per call (median of CUDA-graph replays) summed over the preset's four linear layers, GEMM with",
+             "its epilogue (per-token x per-channel scales, bias, bf16 out); cuSPARSELt includes the project's",
+             "dequant pass (it has no per-token scale in its epilogue). In brackets: speed-up over vLLM's CUTLASS",
+             "dense (`vllm._custom_ops.cutlass_scaled_mm`, what stock vLLM runs) measured in the same run as the",
+             "cell. torchao's kernel is FP8 only. Sparse operands: K' = gamma K (2_4: K, 2_8: 1.5 K).", "",
              "Runs merged:", ""] + [f"- `{c}`" for c in cmds] + ["",
-             "| preset | dtype | M | dense | 2_4 ours | 2_4 cuSPARSELt+dequant | 2_4 cuSPARSELt GEMM-only | "
-             "2_8 ours | 2_8 cuSPARSELt+dequant | 2_8 cuSPARSELt GEMM-only | 2_4 vs dense | 2_8 vs dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(v):
+        if v is None:
+            return "-"
+        ms, dense = v
+        return f"{ms:.4f}" + (f" ({dense / ms:.3f}x)" if dense else "")
+
     for (preset, dt, m), d in sorted(table.items()):
-        dense = d.get(("dense", "vllm_cutlass")) or d.get(("dense", "scaled_mm")) or d.get(("dense", "triton_int8"))
-        o4, o8 = d.get(("2_4", "slidesparse_cutlass")), d.get(("2_8", "slidesparse_cutlass"))
-        ratio = lambda o: "-" if (o is None or dense is None) else f"{dense / o:.3f}x"  # noqa: E731
-        lines.append(f"| {preset} | {dt} | {m} | {fmt(dense)} | {fmt(o4)} | {fmt(d.get(('2_4', dq)))} | "
-                     f"{fmt(d.get(('2_4', go)))} | {fmt(o8)} | {fmt(d.get(('2_8', dq)))} | {fmt(d.get(('2_8', go)))} | "
-                     f"{ratio(o4)} | {ratio(o8)} |")
+        vl = d.get(("dense", "vllm_cutlass"))
+        other = d.get(("dense", "scaled_mm")) or d.get(("dense", "triton_int8"))
+        row = [preset, dt, str(m), "-" if vl is None else f"{vl[0]:.4f}", cell(other)]
+        row += [cell(d.get((pt, c))) for pt in patterns for c in sparse_cols]
+        lines.append("| " + " | ".join(row) + " |")
     text = "\n".join(lines) + "\n"
     Path(out).with_suffix(".md").write_text(text)
+    Path(out).with_suffix(".json").write_text(json.dumps(
+        dict(commands=cmds, table=[dict(preset=k[0], dtype=k[1], m=k[2], pattern=pv[0], variant=pv[1], ms=v[0],
+                                        dense_ms_same_run=v[1]) for k, d in sorted(table.items())
+                                   for pv, v in sorted(d.items())]), indent=1))
     print(text)
 
 
