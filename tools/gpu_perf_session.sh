@@ -27,7 +27,8 @@
 # (16384), DECODE_M (256), TUNE_M (64,256,2048,16384), MODELS (/root/models), RES (/root/res),
 # BENCH_M (256,16384), BENCH_FORMS (eager,traced,in_op), BENCH_ROUNDS (2), TEST_TIMEOUT (600 s),
 # BENCH_TIMEOUT (420 s), TESTS (pytest paths, tests/gpu), GEMM_PRESETS (qwen2.5-7b,llama3.2-1b), GEMM_M
-# (64,256,1024,4096,16384), CSLT010 (/root/c/libcusparseLt.so.0); SLIDESPARSE_COMMIT names the commit of a copy without git; SLIDESPARSE_CUTLASS_LIB points at the CUTLASS library if it is not in build/csrc/.
+# (64,256,1024,4096,16384), GEMM_LIB_WAIT (0 s), CSLT010 (/root/c/libcusparseLt.so.0), GEMM010_WAIT (0 s);
+# SLIDESPARSE_COMMIT names the commit of a copy without git; SLIDESPARSE_CUTLASS_LIB points at the CUTLASS library if it is not in build/csrc/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES=${RES:-/root/res}
@@ -126,6 +127,11 @@ gemm_compare() {  # $1: output name, then extra arguments
     --patterns 2_4,2_8 --dtypes fp8,int8 --reps 5 --rounds 3 "$@"
 }
 if [[ " $STAGES " == *" gemm "* ]]; then
+  # our kernel's library may come with a later device call: wait for it (GEMM_LIB_WAIT s) rather
+  # than run the comparison without it
+  lib=${SLIDESPARSE_CUTLASS_LIB:-build/csrc/libslidesparse_cutlass.so}
+  for _ in $(seq 1 $(( ${GEMM_LIB_WAIT:-0} / 10 ))); do [ -f "$lib" ] && break; sleep 10; done
+  [ -f "$lib" ] || say "gemm: $lib not there: the comparison runs without SlideSparse's kernel"
   say "gemm compare (tools/gpu_gemm_compare.py)"
   gemm_compare compare > "$RES/gemm_compare.log" 2>&1
   say "gemm: exit $?"
