@@ -262,6 +262,27 @@ def best_ours(rows):
     return out + list(best.values())
 
 
+def layer_sums(rows) -> dict:
+    """(preset, dtype, m) -> {(pattern, variant): ms summed over the preset's four layers}, for the
+    variants measured on all four (our per-configuration rows left out)."""
+    sums: dict = {}
+    for r in rows:
+        if r["ms"] is None or r["variant"].startswith(("ss:", "plain:")):
+            continue
+        sums.setdefault((r["preset"], r["dtype"], r["m"], r["pattern"], r["variant"]), []).append(r["ms"])
+    out: dict = {}
+    for (preset, dt, m, pattern, variant), v in sums.items():
+        if len(v) == 4:
+            out.setdefault((preset, dt, m), {})[(pattern, variant)] = sum(v)
+    return out
+
+
+def dense_reference(d: dict) -> str | None:
+    """The dense variant ratios are taken against: vLLM's CUTLASS dense, else the fastest dense one."""
+    dense = {v: ms for (p, v), ms in d.items() if p == "dense" and not v.endswith("gemm_only")}
+    return "vllm_cutlass" if "vllm_cutlass" in dense else (min(dense, key=dense.get) if dense else None)
+
+
 def summarize(rows, cmd, meta) -> str:
     lines = ["# GEMM + epilogue comparison (scales, bias, bf16 out)", "", f"Command: `{cmd}`", "",
              f"Device: {meta['device']}; torch {meta['torch']}; cuSPARSELt {meta['cusparselt']}; "
@@ -269,23 +290,12 @@ def summarize(rows, cmd, meta) -> str:
              "Times are ms per call, median of CUDA-graph replays, summed over the preset's four layers.",
              "`ss` = SlideSparse CUTLASS (best compiled configuration per layer); `_gemm_only` rows have no",
              "epilogue (not comparable with the targets).", ""]
-    sums: dict = {}
-    for r in rows:
-        if r["ms"] is None or r["variant"].startswith(("ss:", "plain:")):
-            continue
-        key = (r["preset"], r["dtype"], r["m"], r["pattern"], r["variant"])
-        sums.setdefault(key, []).append(r["ms"])
-    groups: dict = {}
-    for (preset, dt, m, pattern, variant), v in sums.items():
-        if len(v) == 4:
-            groups.setdefault((preset, dt, m), {})[(pattern, variant)] = sum(v)
-    for (preset, dt, m), d in sorted(groups.items()):
-        dense = {v: ms for (p, v), ms in d.items() if p == "dense" and not v.endswith("gemm_only")}
-        ref_name = "vllm_cutlass" if "vllm_cutlass" in dense else (min(dense, key=dense.get) if dense else None)
+    for (preset, dt, m), d in sorted(layer_sums(rows).items()):
+        ref_name = dense_reference(d)
         lines.append(f"## {preset} {dt} M={m}" + (f" (speed-up vs {ref_name})" if ref_name else ""))
         lines += ["", "| pattern | variant | ms | speed-up |", "|---|---|---|---|"]
         for (p, v), ms in sorted(d.items()):
-            su = f"{dense[ref_name] / ms:.3f}x" if ref_name else "-"
+            su = f"{d[('dense', ref_name)] / ms:.3f}x" if ref_name else "-"
             lines.append(f"| {p} | {v} | {ms:.4f} | {su} |")
         lines.append("")
     lines += ["## Best SlideSparse configuration per layer (what the tuner would store)", "",
@@ -325,24 +335,10 @@ def merge(paths, out):
     for p in paths:
         d = json.loads(Path(p).read_text())
         cmds.append(d["command"])
-        sums, counts = {}, {}
-        for r in d["rows"]:
-            if r["ms"] is None or r["variant"].startswith(("ss:", "plain:")):
-                continue
-            k = (r["preset"], r["dtype"], r["m"], r["pattern"], r["variant"])
-            sums[k] = sums.get(k, 0.0) + r["ms"]
-            counts[k] = counts.get(k, 0) + 1
-        run: dict = {}
-        for k, v in sums.items():
-            if counts[k] == 4:   # all four layers of the preset
-                run.setdefault(k[:3], {})[k[3:]] = v
-        for key, dd in run.items():
-            dense = dd.get(("dense", "vllm_cutlass"))
-            if dense is None:
-                cands = [v for (pt, var), v in dd.items() if pt == "dense" and not var.endswith("gemm_only")]
-                dense = min(cands) if cands else None
+        for key, dd in layer_sums(d["rows"]).items():
+            ref = dense_reference(dd)
             for pv, ms in dd.items():
-                table.setdefault(key, {})[pv] = (ms, dense)
+                table.setdefault(key, {})[pv] = (ms, dd[("dense", ref)] if ref else None)
     names = sorted({v for d in table.values() for (pt, v) in d if pt != "dense"})
     cslt = [v for v in names if v.startswith("cusparselt") and not v.endswith("_gemm_only")]
     sparse_cols = cslt + [v for v in ("torchao_cutlass", "slidesparse_cutlass") if v in names]

@@ -78,7 +78,7 @@ python3 -c 'import torch, triton, vllm; print("torch", torch.__version__, "trito
 prep=$!
 say "preparing checkpoints in the background (prepare.log)"
 
-sparsegpt_7b() {  # the timed SparseGPT conversion; its output is deleted (random weights: speed only)
+sparsegpt_timed() {  # the timed SparseGPT conversion; its output is deleted (random weights: speed only)
   while [ ! -f "$sgpt_base/config.json" ]; do sleep 5; kill -0 $prep 2>/dev/null || break; done
   echo "start $(date -u +%T) ($1; $SGPT_PRESET)"
   /usr/bin/time -v timeout ${SGPT_TIMEOUT:-900} python3 -m slidesparse.cli convert "$sgpt_base" "$MODELS/sparsegpt-out" \
@@ -87,11 +87,15 @@ sparsegpt_7b() {  # the timed SparseGPT conversion; its output is deleted (rando
   du -sb "$MODELS/sparsegpt-out" 2>/dev/null
   rm -rf "$MODELS/sparsegpt-out"
 }
+wait_for() {  # FILE SECONDS: wait up to SECONDS for FILE (a later device call may bring it)
+  for _ in $(seq 1 $(( $2 / 10 ))); do [ -f "$1" ] && return 0; sleep 10; done
+  [ -f "$1" ]
+}
 sgpt=
 # SGPT_WHEN=beside runs it beside the tests and the CPU conversions (its time is then an upper
 # bound, and the stages after the tests wait for it); the default runs it alone, after the rest
 if [[ " $STAGES " == *" sparsegpt "* && ${SGPT_WHEN:-last} == beside ]]; then
-  sparsegpt_7b "beside tests/gpu and the CPU conversions" > "$RES/sparsegpt_7b.log" 2>&1 &
+  sparsegpt_timed "beside tests/gpu and the CPU conversions" > "$RES/sparsegpt_7b.log" 2>&1 &
   sgpt=$!
   say "sparsegpt conversion in the background (sparsegpt_7b.log)"
 fi
@@ -109,7 +113,7 @@ if [ -n "$sgpt" ]; then wait $sgpt; say "sparsegpt: $(grep -E 'Elapsed|^exit' "$
 df -h "$MODELS" | tail -1 | tee -a "$RES/session.log"
 sparsegpt_alone() {
   say "sparsegpt conversion, alone"
-  sparsegpt_7b "alone on the host" > "$RES/sparsegpt_7b.log" 2>&1
+  sparsegpt_timed "alone on the host" > "$RES/sparsegpt_7b.log" 2>&1
   say "sparsegpt: $(grep -E 'Elapsed|^exit' "$RES/sparsegpt_7b.log" | tr '\n' ' ')"
 }
 if [[ " $STAGES " == *" sparsegpt "* && ${SGPT_WHEN:-last} == first ]]; then sparsegpt_alone; fi
@@ -130,8 +134,7 @@ if [[ " $STAGES " == *" gemm "* ]]; then
   # our kernel's library may come with a later device call: wait for it (GEMM_LIB_WAIT s) rather
   # than run the comparison without it
   lib=${SLIDESPARSE_CUTLASS_LIB:-build/csrc/libslidesparse_cutlass.so}
-  for _ in $(seq 1 $(( ${GEMM_LIB_WAIT:-0} / 10 ))); do [ -f "$lib" ] && break; sleep 10; done
-  [ -f "$lib" ] || say "gemm: $lib not there: the comparison runs without SlideSparse's kernel"
+  wait_for "$lib" ${GEMM_LIB_WAIT:-0} || say "gemm: $lib not there: the comparison runs without SlideSparse's kernel"
   say "gemm compare (tools/gpu_gemm_compare.py)"
   gemm_compare compare > "$RES/gemm_compare.log" 2>&1
   say "gemm: exit $?"
@@ -188,8 +191,7 @@ if [[ " $STAGES " == *" bench "* ]]; then
 fi
 if [[ " $STAGES " == *" gemm010 "* ]]; then
   lib=${CSLT010:-/root/c/libcusparseLt.so.0}
-  for _ in $(seq 1 $(( ${GEMM010_WAIT:-0} / 10 ))); do [ -f "$lib" ] && break; sleep 10; done
-  if [ -f "$lib" ]; then
+  if wait_for "$lib" ${GEMM010_WAIT:-0}; then
     say "gemm compare, cuSPARSELt 0.8 and 0.10 ($lib)"
     gemm_compare compare_cslt010 --only cusparselt --cslt010 "$lib" > "$RES/gemm_cslt010.log" 2>&1
     say "gemm010: exit $?"

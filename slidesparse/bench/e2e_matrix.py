@@ -314,8 +314,9 @@ class Checkpoints:
         return self.given.get((model, v.name)) or self.given.get((model, v.base_name))
 
     def path(self, model: str, v: Variant) -> Path:
-        if self._given(model, v):
-            return Path(self._given(model, v))
+        given = self._given(model, v)
+        if given:
+            return Path(given)
         if v.kind in ("bf16", "online"):
             return self.base(model)
         if v.kind == "dense":
