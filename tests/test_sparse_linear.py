@@ -40,6 +40,9 @@ def _layer(plan, g, sparsity="2_8", n=N, k=K):
     layer.ss_w_scale = torch.rand(n, generator=g) + 0.5
     layer.ss_n, layer.ss_k, layer.ss_sparsity, layer.ss_act_dtype = n, k, pat.name, "fp8_e4m3"
     layer.ss_plan, layer.ss_finishes = plan, bool(sl.plan_kinds(plan) & {sl.DENSE, sl.CUTLASS})
+    # as prepare() sets it: a lifted pattern with no dense bucket takes x' from quant_lift
+    layer.ss_takes_lifted = pat.L != 4 and sl.DENSE not in sl.plan_kinds(plan)
+    layer.ss_k_align, layer.ss_m_align = cl.K_ALIGN, cl.M_ALIGN if sl.SPARSE in sl.plan_kinds(plan) else 1
     layer.ss_cw_values = layer.ss_cw_meta = None
     layer.ss_cw_k, layer.ss_cutlass_configs = 0, ""
     return layer

@@ -12,7 +12,9 @@
 # (`slidesparse bench e2e --matrix`: one vLLM engine per variant, prefill and decode points);
 # e2e_b (a second matrix in e2e_matrix_b/: each of OBJ_VARIANTS tuned with `--objective prefill`
 # on a copy that shares the weights, against the first variant as its baseline in that matrix;
-# engine-to-engine variance is NAME#E in VARIANTS); profile (tools/gpu_profile_vllm.py, prefill and decode traces of PROFILE_VARIANTS);
+# engine-to-engine variance is NAME#E in VARIANTS); fusion (tools/gpu_fused_lift_bench.py, then prefill
+# profiles of FUSION_VARIANT, 2_8-fp8, with every bucket sparse, the lift fusion on and off); profile
+# (tools/gpu_profile_vllm.py, prefill and decode traces of PROFILE_VARIANTS);
 # bench (`slidesparse bench kernel`); gemm (tools/gpu_gemm_compare.py: the GEMM with its epilogue
 # against vLLM's CUTLASS dense, torch._scaled_mm, cuSPARSELt, torchao's CUTLASS 2:4 kernel when
 # .whl/ holds its wheel, and SlideSparse's CUTLASS kernel); gemm010 (the same problems on
@@ -35,7 +37,7 @@ RES=${RES:-/root/res}
 MODELS=${MODELS:-/root/models}
 PRESET=${PRESET:-qwen2.5-7b}
 VARIANTS=${VARIANTS:-fp8,2_8-fp8,2_4-fp8,int8,2_8-int8}
-STAGES=${STAGES:-tests sparsegpt tune e2e e2e_b profile bench gemm gemm010}
+STAGES=${STAGES:-tests sparsegpt tune fusion e2e e2e_b profile bench gemm gemm010}
 OBJ_VARIANTS=${OBJ_VARIANTS:-2_8-fp8}
 PROFILE_VARIANTS=${PROFILE_VARIANTS:-fp8,2_8-fp8}
 mkdir -p "$RES" "$MODELS"
@@ -146,6 +148,25 @@ if [[ " $STAGES " == *" tune "* ]] && [ ${#sparse_ckpts[@]} -gt 0 ]; then
   mkdir -p "$RES/tuning"
   for d in "${sparse_ckpts[@]}"; do cp "$d/slidesparse_tuning.json" "$RES/tuning/$(basename "$d").json" 2>/dev/null; done
   say "tune: $(grep -c wrote "$RES/tune.log") written, $(grep real "$RES/tune.log")"
+fi
+
+if [[ " $STAGES " == *" fusion "* ]]; then
+  # the lift fusion before and after: the producer kernels alone, then prefill (and decode) profiles
+  # of FUSION_VARIANT with every bucket sparse (a copy without its tuning table), the fusion pass
+  # on and off (SLIDESPARSE_LIFT_FUSION=0: the codes-then-lift form); no compile cache between them
+  say "fused-lift kernel bench"
+  timeout ${FUSION_BENCH_TIMEOUT:-300} python3 tools/gpu_fused_lift_bench.py --out "$RES/fused_lift" \
+    > "$RES/fused_lift_bench.log" 2>&1
+  say "fused-lift bench: exit $?"
+  src=$(ckpt "${FUSION_VARIANT:-2_8-fp8}"); dst=$src-all-sparse
+  mkdir -p "$dst"; for f in "$src"/*; do [ "$(basename "$f")" = slidesparse_tuning.json ] || ln -sf "$f" "$dst/"; done
+  for mode in 1 0; do
+    name=$(basename "$dst")-fusion$mode
+    say "profile $name"
+    SLIDESPARSE_LIFT_FUSION=$mode VLLM_DISABLE_COMPILE_CACHE=1 timeout ${PROFILE_TIMEOUT:-300} python3 tools/gpu_profile_vllm.py \
+      --out "$RES/profile" --decode-seqs "${FUSION_DECODE_M:-0}" "$name=$dst" > "$RES/profile_$name.log" 2>&1
+    say "profile $name: exit $?"
+  done
 fi
 
 if [[ " $STAGES " == *" e2e "* ]]; then

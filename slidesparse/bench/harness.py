@@ -13,7 +13,9 @@ the kernel that consumes the output (the residual add, SiLU*mul, rotary). Timing
 would charge it passes that do not exist in a model, or miss ones that do. The dense baseline is
 timed in the same context, through the same layer with an all-dense plan: per-token quantization
 in torch ops, then vLLM's CUTLASS GEMM with the scales in its epilogue (kernels/dense.py), which is
-the stock path of a dense W8A8 checkpoint.
+the stock path of a dense W8A8 checkpoint. A lifted layer with no dense bucket is timed as
+runtime/lift_fusion.py leaves it in vLLM: the RMSNorm kernel writes the lifted codes
+(kernels/fused_lift.py), so no lift pass runs.
 """
 
 from __future__ import annotations
@@ -96,10 +98,13 @@ def prepare(w: SlidWeight, buckets) -> tuple[CusparseltBackend, torch.nn.Module]
     return backend, layer
 
 
+RMS_EPS = 1e-6
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # the native RMSNorm vLLM traces when compiling (float32 statistics, result in x's dtype)
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * weight
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_EPS)).to(x.dtype) * weight
 
 
 def _allow_many_compiles() -> None:
@@ -121,7 +126,14 @@ def traced_forward(backend, layer, bias: torch.Tensor | None = None):
 
     def f(x, residual):
         return residual + backend.apply(layer, _rms_norm(x, norm_w), bias)
-    return torch.compile(f, fullgraph=True, dynamic=True)
+
+    def f_lifted(x, residual):
+        # what lift_fusion makes of f in vLLM's graph: the RMSNorm kernel writes x' itself
+        lifted, s_tok = torch.ops.slidesparse.rms_norm_quant_lift(x, norm_w, RMS_EPS, layer.ss_sparsity,
+                                                                  layer.ss_act_dtype, layer.ss_k_align,
+                                                                  layer.ss_m_align)
+        return residual + backend.apply_lifted(layer, lifted, s_tok, bias, x.dtype)
+    return torch.compile(f_lifted if getattr(layer, "ss_takes_lifted", False) else f, fullgraph=True, dynamic=True)
 
 
 def eager_forward(backend, layer, bias: torch.Tensor | None = None):

@@ -18,6 +18,9 @@ dense GEMM of the dtype with the scales in its epilogue (kernels/dense.py) on th
                                                   scales in, the finished output out (dense and CUTLASS
                                                   buckets apply the scales in their epilogues; a
                                                   cuSPARSELt bucket dequantizes in a pass of its own)
+    slidesparse::sparse_mm_lifted(x', ...)        traced, lifted pattern, every bucket cuSPARSELt: x' as its
+                                                  producer wrote it (kernels/fused_lift.py), no lift pass
+    slidesparse::sparse_linear_lifted(x', ...)    the same with CUTLASS buckets: the finished output
 
 In the traced forms the caller quantizes x in torch ops in x's shape (core.quant.quantize_rows),
 which Inductor fuses into the op that produced x, as it does for vLLM's own per-token quantization.
@@ -34,7 +37,7 @@ SPARSE, DENSE, CUTLASS = 0, 1, 2
 KINDS = {"sparse": SPARSE, "dense": DENSE, "cutlass": CUTLASS}
 
 __all__ = ["SPARSE", "DENSE", "CUTLASS", "KINDS", "choose", "plan_kinds", "linear_eager", "mm_lifted",
-           "cutlass_lifted", "linear_from_codes", "acc_dtype"]
+           "cutlass_lifted", "linear_from_codes", "mm_from_lifted", "linear_from_lifted", "acc_dtype"]
 
 
 def choose(plan: list[int], m: int) -> tuple[int, int, int]:
@@ -156,6 +159,33 @@ def linear_from_codes(codes: torch.Tensor, s_tok: torch.Tensor, w_compressed: to
     return dequant(acc, s_tok, w_scale, bias, out_dtype, m=m, n=n, impl="triton" if codes.is_cuda else "torch")
 
 
+def mm_from_lifted(lifted: torch.Tensor, w_compressed: torch.Tensor, n: int, alg: int, split_k: int) -> torch.Tensor:
+    """x' [M_pad, K'_pad] (rows padded to cuSPARSELt's M_ALIGN) -> unscaled accumulator [M_pad, N_pad]."""
+    from . import cusparselt as cl
+    return cl.sparse_mm(w_compressed, lifted, cl.acc_dtype_for(lifted.dtype), alg_id=alg, split_k=split_k,
+                        n=cl.padded_n(n))
+
+
+def linear_from_lifted(lifted: torch.Tensor, s_tok: torch.Tensor, w_compressed: torch.Tensor | None,
+                       w_scale: torch.Tensor, bias: torch.Tensor | None, n: int, plan: list[int],
+                       out_dtype: torch.dtype, cw_values: torch.Tensor | None = None,
+                       cw_meta: torch.Tensor | None = None, cw_k: int = 0, cutlass_configs: str = "") -> torch.Tensor:
+    """x' [M_pad, K'_pad] as a producer wrote it (kernels/fused_lift.py), s_tok [M] -> the finished
+    output [M, N]. Plans without a dense bucket only: a dense GEMM needs the unlifted codes."""
+    from .dequant import dequant
+    m = s_tok.shape[0]
+    kind, alg, split_k = choose(plan, m)
+    if kind == DENSE:
+        raise RuntimeError("slidesparse: a dense bucket cannot take lifted activations")
+    if kind == CUTLASS:
+        from . import cutlass_sparse as cs
+        return cs.scaled_sparse_mm(lifted[:m], _cutlass_weight(cw_values, cw_meta, n, cw_k), s_tok.contiguous(),
+                                   w_scale, None if bias is None else bias.to(out_dtype).contiguous(), out_dtype,
+                                   cutlass_configs.split(";")[alg])
+    acc = mm_from_lifted(lifted, w_compressed, n, alg, split_k)
+    return dequant(acc, s_tok, w_scale, bias, out_dtype, m=m, n=n, impl="triton" if lifted.is_cuda else "torch")
+
+
 # ----------------------------------------------------------------------------- the custom ops
 
 @torch.library.custom_op("slidesparse::sparse_linear", mutates_args=())
@@ -201,3 +231,35 @@ def sparse_linear_codes(codes: torch.Tensor, s_tok: torch.Tensor, w_compressed: 
 def _(codes, s_tok, w_compressed, w_scale, bias, w_dense, n, sparsity, plan, out_dtype, cw_values, cw_meta, cw_k,
       cutlass_configs):
     return codes.new_empty(codes.shape[0], n, dtype=out_dtype)
+
+
+@torch.library.custom_op("slidesparse::sparse_mm_lifted", mutates_args=())
+def sparse_mm_lifted(lifted: torch.Tensor, w_compressed: torch.Tensor, n: int, plan: list[int]) -> torch.Tensor:
+    # the bucket of the padded row count: bucket bounds are multiples of cuSPARSELt's M_ALIGN
+    kind, alg, split_k = choose(plan, lifted.shape[0])
+    if kind != SPARSE:
+        raise RuntimeError("slidesparse::sparse_mm_lifted serves layers whose every bucket is sparse")
+    return mm_from_lifted(lifted, w_compressed, n, alg, split_k)
+
+
+@sparse_mm_lifted.register_fake
+def _(lifted, w_compressed, n, plan):
+    from . import cusparselt as cl
+    return lifted.new_empty(lifted.shape[0], cl.padded_n(n), dtype=cl.acc_dtype_for(lifted.dtype))
+
+
+@torch.library.custom_op("slidesparse::sparse_linear_lifted", mutates_args=())
+def sparse_linear_lifted(lifted: torch.Tensor, s_tok: torch.Tensor, w_compressed: torch.Tensor | None,
+                         w_scale: torch.Tensor, bias: torch.Tensor | None, n: int, plan: list[int],
+                         out_dtype: torch.dtype, cw_values: torch.Tensor | None, cw_meta: torch.Tensor | None,
+                         cw_k: int, cutlass_configs: str) -> torch.Tensor:
+    return linear_from_lifted(lifted, s_tok, w_compressed, w_scale, bias, n, plan, out_dtype, cw_values, cw_meta,
+                              cw_k, cutlass_configs)
+
+
+@sparse_linear_lifted.register_fake
+def _(lifted, s_tok, w_compressed, w_scale, bias, n, plan, out_dtype, cw_values, cw_meta, cw_k, cutlass_configs):
+    return lifted.new_empty(s_tok.shape[0], n, dtype=out_dtype)
+
+
+from . import fused_lift  # noqa: E402,F401  (the producer ops, slidesparse::*quant_lift)

@@ -14,6 +14,9 @@ apply() picks the form by mode:
                                   Inductor fuses into the op that consumes the output
       some bucket dense           slidesparse::sparse_linear_codes, whose dense buckets run the
                                   dense GEMM with the scales in its epilogue (docs/performance.md)
+      lifted pattern, no dense    slidesparse::quant_lift (x -> x', which runtime/lift_fusion.py
+      bucket                      folds into x's producer), then sparse_mm_lifted and the dequant in
+                                  torch ops, or sparse_linear_lifted where a bucket is CUTLASS
 
 This module imports without CUDA or Triton (kernels are imported on first use): runtime.backends
 imports it on every machine.
@@ -31,6 +34,7 @@ from ..core.tuning import TuningTable
 from ..kernels import sparse_linear as sl
 from ..kernels.reference import dequant_ref
 from .backend import Backend, BackendError, SlidWeight
+from .lift_fusion import lift_fusion_enabled
 
 
 def bucket_plan(table: TuningTable | None, n: int, k_lifted: int, dtype: str) -> tuple[list[int], list[str]]:
@@ -169,6 +173,12 @@ class CusparseltBackend(Backend):
         layer.ss_plan = plan
         # a dense or CUTLASS bucket finishes the output inside the op (scales in its epilogue)
         layer.ss_finishes = bool(kinds & {sl.DENSE, sl.CUTLASS})
+        # traced, a lifted pattern with no dense bucket takes x' straight from x's producer
+        # (runtime/lift_fusion.py); a dense bucket needs the unlifted codes, 2_4 has no lift
+        layer.ss_takes_lifted = (w.act_dtype is not None and w.pattern.L != 4 and sl.DENSE not in kinds
+                                 and lift_fusion_enabled())
+        layer.ss_k_align = cl.K_ALIGN
+        layer.ss_m_align = cl.M_ALIGN if sl.SPARSE in kinds else 1
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         n, act = layer.ss_n, layer.ss_act_dtype
@@ -177,7 +187,12 @@ class CusparseltBackend(Backend):
                                                        layer.ss_w_dense, n, layer.ss_sparsity, act, layer.ss_plan,
                                                        layer.ss_cw_values, layer.ss_cw_meta, layer.ss_cw_k,
                                                        layer.ss_cutlass_configs)
-        x2 = x.reshape(-1, layer.ss_k)
+        x2 = x if x.dim() == 2 else x.reshape(-1, layer.ss_k)
+        if layer.ss_takes_lifted:
+            # one op from x to x', which the lift-fusion pass folds into x's producer
+            lifted, s_tok = torch.ops.slidesparse.quant_lift(x2, layer.ss_sparsity, act, layer.ss_k_align,
+                                                             layer.ss_m_align)
+            return self.apply_lifted(layer, lifted, s_tok, bias, x.dtype).reshape(*x.shape[:-1], n)
         # the codes keep x's shape (no lift, no row padding), so Inductor writes them from the
         # kernel that reduces the row; the ops lift and pad them only where a sparse GEMM runs
         codes, s_tok = quantize_rows(x2, act)
@@ -190,3 +205,14 @@ class CusparseltBackend(Backend):
             acc = torch.ops.slidesparse.sparse_mm(codes, layer.ss_w_compressed, n, layer.ss_sparsity, layer.ss_plan)
             out = dequant_ref(acc[:, :n], s_tok, layer.ss_w_scale, bias, x.dtype)
         return out.reshape(*x.shape[:-1], n)
+
+    def apply_lifted(self, layer: torch.nn.Module, lifted: torch.Tensor, s_tok: torch.Tensor,
+                     bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """x' [M_pad, K'_pad] and s_tok [M] from a producer (kernels/fused_lift.py) -> [M, N]."""
+        n = layer.ss_n
+        if layer.ss_finishes:
+            return torch.ops.slidesparse.sparse_linear_lifted(lifted, s_tok, layer.ss_w_compressed, layer.ss_w_scale,
+                                                              bias, n, layer.ss_plan, out_dtype, layer.ss_cw_values,
+                                                              layer.ss_cw_meta, layer.ss_cw_k, layer.ss_cutlass_configs)
+        acc = torch.ops.slidesparse.sparse_mm_lifted(lifted, layer.ss_w_compressed, n, layer.ss_plan)
+        return dequant_ref(acc[:s_tok.shape[0], :n], s_tok, layer.ss_w_scale, bias, out_dtype)
