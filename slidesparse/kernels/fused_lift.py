@@ -25,11 +25,14 @@ ops are registered here (torch.library, with fake implementations, no host sync)
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..core.pattern import Pattern, parse_pattern
 from ..core.quant import AMAX_FLOOR, DTYPES, dtype_name, qmax
 from .quant_slide import QuantSlideError, _torch_impl, padded_lifted_k, quant_slide
+from .reference import dequant_ref
 
 __all__ = ["rms_norm_ref", "add_rms_norm_ref", "silu_mul_ref", "rms_norm_quant_lift", "add_rms_norm_quant_lift",
            "silu_mul_quant_lift", "quant_lift"]
@@ -159,44 +162,301 @@ if triton is not None:
             tl.store(q_row + c, code, mask=c < KQ)
 
 
-def _launch(kind: int, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
-            pat: Pattern, act_dtype: str, k_align: int, m_align: int):
+if triton is not None:
+    @triton.jit
+    def _pairs(ptr, pa, m, IS_BF16: tl.constexpr):
+        """32-bit words at pair indices pa (masked) -> (lo, hi) as float32."""
+        w = tl.load(ptr + pa, mask=m, other=0)
+        if IS_BF16:
+            return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+        lo = (w & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, hi
+
+    @triton.jit
+    def _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa, off, m, DEQ: tl.constexpr, HAS_B: tl.constexpr,
+                    IS_BF16: tl.constexpr, XT: tl.constexpr):
+        """The producer's input x at pairs pa (+ off pairs: SiLU*mul's second half), as float32 lo/hi
+        values of x's dtype. DEQ: x is the previous GEMM's dequantized accumulator, computed here
+        as the unfused graph computes it: acc * s_tok * s_ch (+ bias) in float32, rounded to XT."""
+        if DEQ:
+            lo, hi = _pairs(acc_row, pa + off, m, IS_BF16)
+            c = 2 * (pa + off)
+            lo = lo * st * tl.load(sc_ptr + c, mask=m, other=0.0)
+            hi = hi * st * tl.load(sc_ptr + c + 1, mask=m, other=0.0)
+            if HAS_B:
+                lo += tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
+                hi += tl.load(b_ptr + c + 1, mask=m, other=0.0).to(tl.float32)
+            return lo.to(XT).to(tl.float32), hi.to(XT).to(tl.float32)
+        return _pairs(xw_row, pa + off, m, IS_BF16)
+
+    @triton.jit
+    def _finish(h_lo, h_hi, u_lo, u_hi, w_row, pa, m, rstd, KIND: tl.constexpr, HAS_W: tl.constexpr,
+                IS_BF16: tl.constexpr, XT: tl.constexpr):
+        """Producer output (float32 holding XT values) from its input pairs h (x or x + r; SiLU*mul:
+        the gate) and u (SiLU*mul's up half)."""
+        if KIND == 2:
+            a_lo = (h_lo / (1.0 + tl.exp(-h_lo))).to(XT).to(tl.float32)
+            a_hi = (h_hi / (1.0 + tl.exp(-h_hi))).to(XT).to(tl.float32)
+            return (a_lo * u_lo).to(XT).to(tl.float32), (a_hi * u_hi).to(XT).to(tl.float32)
+        y_lo = h_lo * rstd
+        y_hi = h_hi * rstd
+        if HAS_W:
+            w_lo, w_hi = _pairs(w_row, pa, m, IS_BF16)
+            y_lo = (y_lo.to(XT).to(tl.float32) * w_lo).to(XT)
+            y_hi = (y_hi.to(XT).to(tl.float32) * w_hi).to(XT)
+        return y_lo.to(XT).to(tl.float32), y_hi.to(XT).to(tl.float32)
+
+    @triton.jit
+    def _code(v, inv, MODE: tl.constexpr, QMAX: tl.constexpr, OUT_TY: tl.constexpr):
+        v = tl.minimum(tl.maximum(v * inv, -QMAX), QMAX)
+        if MODE == 1:
+            # round half to even: adding 1.5 * 2**23 leaves no fraction bits in fp32
+            return ((v + 12582912.0) - 12582912.0).to(tl.int8)
+        return v.to(OUT_TY)
+
+    @triton.jit
+    def _tile_kernel(xw_ptr, rw_ptr, ww_ptr, ro_ptr, acc_ptr, st_ptr, sc_ptr, b_ptr, q_ptr, s_ptr,
+                     M, K, KQ, NG, stride_x, stride_r, stride_ro, stride_acc, stride_q, eps,
+                     KIND: tl.constexpr, HAS_W: tl.constexpr, DEQ: tl.constexpr, HAS_B: tl.constexpr,
+                     HALF: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, IS_BF16: tl.constexpr, MODE: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr,
+                     G_BLK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+        """The producer, quantization and lift of one row, on [groups, windows] tiles of 32-bit
+        pairs (kernels/quant_slide.py's layout): window j of group g is pairs (g*HALF + j, +1), tile
+        A holding each window's first pair, B its second. Every element is counted once in the
+        statistics: all of A, and B's last window (the group's last pair). ONE_BLOCK: the row's
+        tiles are one block, loaded once; otherwise the statistics, the amax and the writes each
+        loop over the blocks, re-reading the row from L2."""
+        row = tl.program_id(0)
+        klim = tl.where(row < M, K, 0)
+        npairs = klim // 2
+        row64 = row.to(tl.int64)
+        xw_row = xw_ptr + row64 * stride_x
+        rw_row = rw_ptr + row64 * stride_r
+        acc_row = acc_ptr + row64 * stride_acc
+        ro_row = ro_ptr + row64 * stride_ro
+        q_row = q_ptr + row64 * stride_q
+        XT: tl.constexpr = tl.bfloat16 if IS_BF16 else tl.float16
+        st = 1.0
+        if DEQ:
+            st = tl.load(st_ptr + tl.minimum(row, M - 1))
+        gi = tl.arange(0, G_BLK)[:, None]
+        ji = tl.arange(0, WP)[None, :]
+        ci = tl.arange(0, 4 * WP)[None, :]
+        off = K // 2  # SiLU*mul: the up half starts K columns (K/2 pairs) into the row
+        rstd = 1.0
+        amax = tl.zeros([G_BLK, WP], dtype=tl.float32)
+        ssq = tl.zeros([G_BLK, WP], dtype=tl.float32)
+        if ONE_BLOCK:
+            pa = gi * HALF + ji
+            ma = (ji < W) & (pa < npairs)
+            mb = ma & (ji + 1 < HALF) & (pa + 1 < npairs)
+            last = mb & (ji == W - 1)  # B's pair that A does not hold
+            a_lo, a_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa, 0, ma, DEQ, HAS_B, IS_BF16, XT)
+            b_lo, b_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa + 1, 0, mb, DEQ, HAS_B, IS_BF16, XT)
+            if KIND == 2:
+                ua_lo, ua_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa, off, ma, DEQ, HAS_B, IS_BF16, XT)
+                ub_lo, ub_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa + 1, off, mb, DEQ, HAS_B,
+                                           IS_BF16, XT)
+            else:
+                ua_lo, ua_hi, ub_lo, ub_hi = a_lo, a_hi, b_lo, b_hi  # unused by the norm kinds
+                if KIND == 1:
+                    ra_lo, ra_hi = _pairs(rw_row, pa, ma, IS_BF16)
+                    rb_lo, rb_hi = _pairs(rw_row, pa + 1, mb, IS_BF16)
+                    a_lo += ra_lo
+                    a_hi += ra_hi
+                    b_lo += rb_lo
+                    b_hi += rb_hi
+                    tl.store(ro_row + 2 * pa, a_lo.to(XT), mask=ma)
+                    tl.store(ro_row + 2 * pa + 1, a_hi.to(XT), mask=ma)
+                    tl.store(ro_row + 2 * pa + 2, b_lo.to(XT), mask=last)
+                    tl.store(ro_row + 2 * pa + 3, b_hi.to(XT), mask=last)
+                ssq = a_lo * a_lo + a_hi * a_hi + tl.where(last, b_lo * b_lo + b_hi * b_hi, 0.0)
+                rstd = tl.math.rsqrt(tl.sum(tl.sum(ssq, 1), 0) / K + eps)
+            ya_lo, ya_hi = _finish(a_lo, a_hi, ua_lo, ua_hi, ww_ptr, pa, ma, rstd, KIND, HAS_W, IS_BF16, XT)
+            yb_lo, yb_hi = _finish(b_lo, b_hi, ub_lo, ub_hi, ww_ptr, pa + 1, mb, rstd, KIND, HAS_W, IS_BF16, XT)
+            amax = tl.maximum(tl.abs(ya_lo), tl.abs(ya_hi))
+            amax = tl.maximum(amax, tl.where(last, tl.maximum(tl.abs(yb_lo), tl.abs(yb_hi)), 0.0))
+            a = tl.maximum(tl.max(tl.max(amax, 1), 0), FLOOR)
+            inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), a) * QMAX
+            tl.store(s_ptr + row, tl.math.div_rn(a, tl.full([], QMAX, tl.float32)))
+            out_ty = q_ptr.dtype.element_ty
+            # window bytes a_lo, a_hi, b_lo, b_hi: join pairs the last axis as [first, second]
+            win = tl.join(tl.join(_code(ya_lo, inv, MODE, QMAX, out_ty), _code(yb_lo, inv, MODE, QMAX, out_ty)),
+                          tl.join(_code(ya_hi, inv, MODE, QMAX, out_ty), _code(yb_hi, inv, MODE, QMAX, out_ty)))
+            tl.store(q_row + gi * (4 * W) + ci, tl.reshape(win, (G_BLK, 4 * WP)), mask=(ci < 4 * W) & (gi < NG))
+        else:
+            if KIND != 2:
+                for g0 in range(0, NG, G_BLK):
+                    pa = (g0 + gi) * HALF + ji
+                    ma = (ji < W) & (pa < npairs)
+                    last = ma & (ji + 1 < HALF) & (pa + 1 < npairs) & (ji == W - 1)
+                    a_lo, a_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa, 0, ma, DEQ, HAS_B, IS_BF16, XT)
+                    b_lo, b_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa + 1, 0, last, DEQ, HAS_B,
+                                             IS_BF16, XT)
+                    if KIND == 1:
+                        ra_lo, ra_hi = _pairs(rw_row, pa, ma, IS_BF16)
+                        rb_lo, rb_hi = _pairs(rw_row, pa + 1, last, IS_BF16)
+                        a_lo += ra_lo
+                        a_hi += ra_hi
+                        b_lo += rb_lo
+                        b_hi += rb_hi
+                        tl.store(ro_row + 2 * pa, a_lo.to(XT), mask=ma)
+                        tl.store(ro_row + 2 * pa + 1, a_hi.to(XT), mask=ma)
+                        tl.store(ro_row + 2 * pa + 2, b_lo.to(XT), mask=last)
+                        tl.store(ro_row + 2 * pa + 3, b_hi.to(XT), mask=last)
+                    ssq += a_lo * a_lo + a_hi * a_hi + tl.where(last, b_lo * b_lo + b_hi * b_hi, 0.0)
+                rstd = tl.math.rsqrt(tl.sum(tl.sum(ssq, 1), 0) / K + eps)
+            # the amax, then the codes: two sweeps (the second re-reads the row from L2). With a
+            # residual, h = x + r is re-formed from x and r: the stored x + r is rounded
+            for sweep in tl.static_range(2):
+                if sweep == 1:
+                    a = tl.maximum(tl.max(tl.max(amax, 1), 0), FLOOR)
+                    inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), a) * QMAX
+                    tl.store(s_ptr + row, tl.math.div_rn(a, tl.full([], QMAX, tl.float32)))
+                for g0 in range(0, NG, G_BLK):
+                    g = g0 + gi
+                    pa = g * HALF + ji
+                    ma = (ji < W) & (pa < npairs)
+                    mb = ma & (ji + 1 < HALF) & (pa + 1 < npairs)
+                    last = mb & (ji == W - 1)
+                    a_lo, a_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa, 0, ma, DEQ, HAS_B, IS_BF16, XT)
+                    b_lo, b_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa + 1, 0, mb, DEQ, HAS_B,
+                                             IS_BF16, XT)
+                    if KIND == 2:
+                        ua_lo, ua_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa, off, ma, DEQ, HAS_B,
+                                                   IS_BF16, XT)
+                        ub_lo, ub_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa + 1, off, mb, DEQ, HAS_B,
+                                                   IS_BF16, XT)
+                    else:
+                        ua_lo, ua_hi, ub_lo, ub_hi = a_lo, a_hi, b_lo, b_hi  # unused by the norm kinds
+                        if KIND == 1:
+                            ra_lo, ra_hi = _pairs(rw_row, pa, ma, IS_BF16)
+                            rb_lo, rb_hi = _pairs(rw_row, pa + 1, mb, IS_BF16)
+                            a_lo += ra_lo
+                            a_hi += ra_hi
+                            b_lo += rb_lo
+                            b_hi += rb_hi
+                    ya_lo, ya_hi = _finish(a_lo, a_hi, ua_lo, ua_hi, ww_ptr, pa, ma, rstd, KIND, HAS_W, IS_BF16, XT)
+                    yb_lo, yb_hi = _finish(b_lo, b_hi, ub_lo, ub_hi, ww_ptr, pa + 1, mb, rstd, KIND, HAS_W,
+                                           IS_BF16, XT)
+                    if sweep == 0:
+                        amax = tl.maximum(amax, tl.maximum(tl.abs(ya_lo), tl.abs(ya_hi)))
+                        amax = tl.maximum(amax, tl.where(last, tl.maximum(tl.abs(yb_lo), tl.abs(yb_hi)), 0.0))
+                    else:
+                        out_ty = q_ptr.dtype.element_ty
+                        win = tl.join(tl.join(_code(ya_lo, inv, MODE, QMAX, out_ty),
+                                              _code(yb_lo, inv, MODE, QMAX, out_ty)),
+                                      tl.join(_code(ya_hi, inv, MODE, QMAX, out_ty),
+                                              _code(yb_hi, inv, MODE, QMAX, out_ty)))
+                        tl.store(q_row + g * (4 * W) + ci, tl.reshape(win, (G_BLK, 4 * WP)),
+                                 mask=(ci < 4 * W) & (g < NG))
+        # the k_align columns past the last group
+        tail = tl.arange(0, 64)
+        for c0 in range(NG * 4 * W, KQ, 64):
+            c = c0 + tail
+            tl.store(q_row + c, tl.zeros([64], dtype=q_ptr.dtype.element_ty), mask=c < KQ)
+
+
+class Dequant(NamedTuple):
+    """x as the previous GEMM left it: acc [M_pad, N_pad] (unscaled, bf16), to be read as
+    acc[:M, :n] * s_tok[m] * s_ch[n] (+ bias[n]) in float32, rounded to out_dtype."""
+    acc: torch.Tensor
+    s_tok: torch.Tensor
+    s_ch: torch.Tensor
+    bias: torch.Tensor | None
+    n: int
+    out_dtype: torch.dtype
+
+    def value(self) -> torch.Tensor:
+        m = self.s_tok.shape[0]
+        return dequant_ref(self.acc[:m, :self.n], self.s_tok, self.s_ch, self.bias, self.out_dtype)
+
+
+def _tile_ok(src: torch.Tensor, k: int, others) -> bool:
+    return (k % 2 == 0 and src.dtype in (torch.bfloat16, torch.float16) and src.is_contiguous()
+            and src.data_ptr() % 4 == 0 and src.stride(0) % 2 == 0
+            and all(t is None or (t.dtype == src.dtype and t.is_contiguous() and t.data_ptr() % 4 == 0) for t in others))
+
+
+def _launch(kind: int, x: torch.Tensor | Dequant, residual: torch.Tensor | None, weight: torch.Tensor | None,
+            eps: float, pat: Pattern, act_dtype: str, k_align: int, m_align: int):
+    """kind 0: rms_norm(x); 1: rms_norm(x + r) and x + r; 2: silu(x[:, :K]) * x[:, K:]."""
     if triton is None:
         raise QuantSlideError("the fused producer kernels need triton (the torch definitions run on the CPU)")
-    m = x.shape[0]
-    k = x.shape[1] // 2 if kind == 2 else x.shape[1]
+    deq = x if isinstance(x, Dequant) else None
+    src = deq.acc if deq is not None else x
+    xdt = deq.out_dtype if deq is not None else x.dtype
+    m = deq.s_tok.shape[0] if deq is not None else x.shape[0]
+    width = deq.n if deq is not None else x.shape[1]
+    k = width // 2 if kind == 2 else width
     kq = padded_lifted_k(k, pat, k_align)
     mp = -(-m // m_align) * m_align
     name = dtype_name(act_dtype)
-    q = torch.empty(mp, kq, dtype=DTYPES[name], device=x.device)
-    s = torch.empty(mp, dtype=torch.float32, device=x.device)
-    ro = torch.empty_like(x) if kind == 1 else None
-    if mp:
-        x = x.contiguous()
-        r = residual.contiguous() if residual is not None else x
-        w = weight.contiguous() if weight is not None else x
-        block_k = min(4096, max(256, triton.next_power_of_2(k)))
-        warps = 16 if k >= 8192 else (8 if k >= 2048 else 4)
-        _producer_quant_lift_kernel[(mp,)](
-            x, r, w, ro if ro is not None else x, q, s, m, k, kq, x.stride(0), r.stride(0),
-            ro.stride(0) if ro is not None else 0, q.stride(0), float(eps),
-            KIND=kind, HAS_W=weight is not None, GROUP=pat.group, WINDOWS=pat.windows, INF=pat.L is None,
-            MODE=1 if name == "int8" else 2, QMAX=qmax(name), FLOOR=AMAX_FLOOR, BLOCK_K=block_k, BLOCK_OUT=1024,
-            num_warps=warps)
+    q = torch.empty(mp, kq, dtype=DTYPES[name], device=src.device)
+    s = torch.empty(mp, dtype=torch.float32, device=src.device)
+    ro = torch.empty(m, k, dtype=xdt, device=src.device) if kind == 1 else None
+    if mp == 0:
+        return q, s[:m], ro
+    common = dict(KIND=kind, MODE=1 if name == "int8" else 2, QMAX=qmax(name), FLOOR=AMAX_FLOOR)
+    if _tile_ok(src, k, (residual, weight)) and (deq is None or (deq.acc.dtype == deq.out_dtype and deq.n % 2 == 0
+                                                                and deq.s_ch.is_contiguous())):
+        half, w_n = pat.group // 2, pat.windows
+        wp = 1 << (w_n - 1).bit_length()
+        ng = pat.num_groups(k)
+        g_one = 1 << max(0, (ng - 1).bit_length())
+        one = g_one * wp <= 2048
+        g_blk = g_one if one else max(1, 1024 // wp)
+        words = src.view(torch.int32)
+        r = residual.contiguous().view(torch.int32) if residual is not None else words
+        w = weight.contiguous().view(torch.int32) if weight is not None else words
+        sc = deq.s_ch if deq is not None else s
+        st = deq.s_tok.contiguous() if deq is not None else s
+        b = deq.bias.contiguous() if deq is not None and deq.bias is not None else sc
+        _tile_kernel[(mp,)](
+            words, r, w, ro if ro is not None else src, words, st, sc, b, q, s,
+            m, k, kq, ng, words.stride(0), r.stride(0), ro.stride(0) if ro is not None else 0, words.stride(0),
+            q.stride(0), float(eps), HAS_W=weight is not None, DEQ=deq is not None,
+            HAS_B=deq is not None and deq.bias is not None, HALF=half, W=w_n, WP=wp,
+            IS_BF16=xdt == torch.bfloat16, G_BLK=g_blk, ONE_BLOCK=one,
+            num_warps=8 if g_blk * wp >= 1024 else 4, **common)
+        return q, s[:m], ro
+    # odd shapes: one element per lane, from a materialised x
+    x = deq.value() if deq is not None else x.contiguous()
+    rr = residual.contiguous() if residual is not None else x
+    ww = weight.contiguous() if weight is not None else x
+    block_k = min(4096, max(256, triton.next_power_of_2(k)))
+    _producer_quant_lift_kernel[(mp,)](
+        x, rr, ww, ro if ro is not None else x, q, s, m, k, kq, x.stride(0), rr.stride(0),
+        ro.stride(0) if ro is not None else 0, q.stride(0), float(eps),
+        HAS_W=weight is not None, GROUP=pat.group, WINDOWS=pat.windows, INF=pat.L is None, BLOCK_K=block_k,
+        BLOCK_OUT=1024, num_warps=16 if k >= 8192 else (8 if k >= 2048 else 4), **common)
     return q, s[:m], ro
 
 
-def _check(x: torch.Tensor, what: str) -> None:
+def _check(x: torch.Tensor | Dequant, what: str) -> tuple[int, int]:
+    """x's (M, width): a 2-D float tensor or the dequantized accumulator of a GEMM."""
+    if isinstance(x, Dequant):
+        if x.acc.dim() != 2 or x.acc.shape[1] < x.n or x.acc.shape[0] < x.s_tok.shape[0]:
+            raise QuantSlideError(f"{what}: accumulator {tuple(x.acc.shape)} does not hold "
+                                  f"[{x.s_tok.shape[0]}, {x.n}]")
+        return x.s_tok.shape[0], x.n
     if x.dim() != 2:
         raise QuantSlideError(f"{what} expects [M, K] input, got {tuple(x.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise QuantSlideError(f"{what} expects bf16/fp16/fp32 input, got {x.dtype}")
+    return tuple(x.shape)
 
 
-def _use_triton(x: torch.Tensor, impl: str | None) -> bool:
+def _use_triton(x: torch.Tensor | Dequant, impl: str | None) -> bool:
     if impl not in (None, "triton", "torch"):
         raise QuantSlideError(f"unknown impl {impl!r}: choose triton or torch")
-    return impl == "triton" or (impl is None and x.is_cuda)
+    t = x.acc if isinstance(x, Dequant) else x
+    return impl == "triton" or (impl is None and t.is_cuda)
+
+
+def _value(x: torch.Tensor | Dequant) -> torch.Tensor:
+    return x.value() if isinstance(x, Dequant) else x
 
 
 def rms_norm_quant_lift(x: torch.Tensor, weight: torch.Tensor | None, eps: float, pat: Pattern | str,
@@ -210,33 +470,36 @@ def rms_norm_quant_lift(x: torch.Tensor, weight: torch.Tensor | None, eps: float
     return _quant_lift_torch(rms_norm_ref(x, weight, eps), pat, act_dtype, k_align, m_align)
 
 
-def add_rms_norm_quant_lift(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float,
-                            pat: Pattern | str, act_dtype: str, k_align: int = 1, m_align: int = 1,
+def add_rms_norm_quant_lift(x: torch.Tensor | Dequant, residual: torch.Tensor, weight: torch.Tensor | None,
+                            eps: float, pat: Pattern | str, act_dtype: str, k_align: int = 1, m_align: int = 1,
                             impl: str | None = None):
-    """x, residual [M, K] -> (x' [M_pad, K'_pad], s_tok [M], x + residual [M, K])."""
+    """x, residual [M, K] -> (x' [M_pad, K'_pad], s_tok [M], x + residual [M, K]). x may be the
+    previous GEMM's accumulator (Dequant): its dequant pass then happens here too."""
     pat = parse_pattern(pat)
-    _check(x, "add_rms_norm_quant_lift")
-    if residual.shape != x.shape or residual.dtype != x.dtype:
+    shape = _check(x, "add_rms_norm_quant_lift")
+    xdt = x.out_dtype if isinstance(x, Dequant) else x.dtype
+    if tuple(residual.shape) != tuple(shape) or residual.dtype != xdt:
         raise QuantSlideError(f"residual {residual.dtype} {tuple(residual.shape)} does not match x "
-                              f"{x.dtype} {tuple(x.shape)}")
+                              f"{xdt} {tuple(shape)}")
     if _use_triton(x, impl):
         return _launch(1, x, residual, weight, eps, pat, act_dtype, k_align, m_align)
-    y, h = add_rms_norm_ref(x, residual, weight, eps)
+    y, h = add_rms_norm_ref(_value(x), residual, weight, eps)
     q, s = _quant_lift_torch(y, pat, act_dtype, k_align, m_align)
     return q, s, h
 
 
-def silu_mul_quant_lift(t: torch.Tensor, pat: Pattern | str, act_dtype: str, k_align: int = 1,
+def silu_mul_quant_lift(t: torch.Tensor | Dequant, pat: Pattern | str, act_dtype: str, k_align: int = 1,
                         m_align: int = 1, impl: str | None = None):
-    """t [M, 2d] -> (x' [M_pad, d'_pad], s_tok [M]) of silu(t[:, :d]) * t[:, d:]."""
+    """t [M, 2d] -> (x' [M_pad, d'_pad], s_tok [M]) of silu(t[:, :d]) * t[:, d:]; t may be the
+    previous GEMM's accumulator (Dequant)."""
     pat = parse_pattern(pat)
-    _check(t, "silu_mul_quant_lift")
-    if t.shape[1] % 2:
-        raise QuantSlideError(f"silu_mul_quant_lift expects an even last dimension, got {t.shape[1]}")
+    _, width = _check(t, "silu_mul_quant_lift")
+    if width % 2:
+        raise QuantSlideError(f"silu_mul_quant_lift expects an even last dimension, got {width}")
     if _use_triton(t, impl):
         q, s, _ = _launch(2, t, None, None, 0.0, pat, act_dtype, k_align, m_align)
         return q, s
-    return _quant_lift_torch(silu_mul_ref(t), pat, act_dtype, k_align, m_align)
+    return _quant_lift_torch(silu_mul_ref(_value(t)), pat, act_dtype, k_align, m_align)
 
 
 def quant_lift(x: torch.Tensor, pat: Pattern | str, act_dtype: str, k_align: int = 1, m_align: int = 1,
@@ -302,3 +565,31 @@ def silu_mul_quant_lift_op(t: torch.Tensor, sparsity: str, act_dtype: str, k_ali
 @silu_mul_quant_lift_op.register_fake
 def _(t, sparsity, act_dtype, k_align, m_align):
     return _fake(t, t.shape[1] // 2, sparsity, act_dtype, k_align, m_align)
+
+
+@torch.library.custom_op("slidesparse::dequant_add_rms_norm_quant_lift", mutates_args=())
+def dequant_add_rms_norm_quant_lift_op(acc: torch.Tensor, s_tok: torch.Tensor, s_ch: torch.Tensor,
+                                       bias: torch.Tensor | None, n: int, out_dtype: torch.dtype,
+                                       residual: torch.Tensor, weight: torch.Tensor | None, eps: float, sparsity: str,
+                                       act_dtype: str, k_align: int,
+                                       m_align: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return add_rms_norm_quant_lift(Dequant(acc, s_tok, s_ch, bias, n, out_dtype), residual, weight, eps, sparsity,
+                                   act_dtype, k_align, m_align)
+
+
+@dequant_add_rms_norm_quant_lift_op.register_fake
+def _(acc, s_tok, s_ch, bias, n, out_dtype, residual, weight, eps, sparsity, act_dtype, k_align, m_align):
+    q, s = _fake(residual, n, sparsity, act_dtype, k_align, m_align)
+    return q, s, torch.empty_like(residual)
+
+
+@torch.library.custom_op("slidesparse::dequant_silu_mul_quant_lift", mutates_args=())
+def dequant_silu_mul_quant_lift_op(acc: torch.Tensor, s_tok: torch.Tensor, s_ch: torch.Tensor,
+                                   bias: torch.Tensor | None, n: int, out_dtype: torch.dtype, sparsity: str,
+                                   act_dtype: str, k_align: int, m_align: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return silu_mul_quant_lift(Dequant(acc, s_tok, s_ch, bias, n, out_dtype), sparsity, act_dtype, k_align, m_align)
+
+
+@dequant_silu_mul_quant_lift_op.register_fake
+def _(acc, s_tok, s_ch, bias, n, out_dtype, sparsity, act_dtype, k_align, m_align):
+    return _fake(s_tok, n // 2, sparsity, act_dtype, k_align, m_align)

@@ -374,9 +374,10 @@ def test_tuner_measures_the_runtime_layer_and_its_plan_runs():
     n, k = 1024, 2048
     entries = tune_shape(n, k, cfg, buckets=(16, 2048), rounds=1)
     assert [e.m_max for e in entries] == [16, 2048]
-    assert all(e.backend in ("sparse", "dense") and e.us_sparse > 0 and e.us_dense > 0 for e in entries)
+    assert all(e.backend in ("sparse", "dense", "cutlass") and e.us_sparse > 0 and e.us_dense > 0
+               for e in entries), entries
     w = random_weight(n, k, "2_8", "fp8_e4m3", torch.Generator(device=DEV).manual_seed(5))
-    be, layer = prepare(w, [(e.m_max, e.backend, e.alg_id) for e in entries])
+    be, layer = prepare(w, [(e.m_max, e.backend, e.alg_id, e.config) for e in entries])
     f = traced_forward(be, layer)
     q = unslide(w.slid.float(), w.pattern, k).to(w.slid.dtype)
     for m in (3, 700):
