@@ -159,8 +159,9 @@ if [[ " $STAGES " == *" fusion "* ]]; then
     > "$RES/fused_lift_bench.log" 2>&1
   say "fused-lift bench: exit $?"
   src=$(ckpt "${FUSION_VARIANT:-2_8-fp8}"); dst=$src-all-sparse
-  mkdir -p "$dst"; for f in "$src"/*; do [ "$(basename "$f")" = slidesparse_tuning.json ] || ln -sf "$f" "$dst/"; done
-  for mode in 1 0; do
+  # a copy (the checkpoint validation refuses files that link outside the folder)
+  [ -f "$dst/config.json" ] || { mkdir -p "$dst"; for f in "$src"/*; do [ "$(basename "$f")" = slidesparse_tuning.json ] || cp "$f" "$dst/"; done; }
+  for mode in ${FUSION_MODES:-1 0}; do
     name=$(basename "$dst")-fusion$mode
     say "profile $name"
     SLIDESPARSE_LIFT_FUSION=$mode VLLM_DISABLE_COMPILE_CACHE=1 timeout ${PROFILE_TIMEOUT:-300} python3 tools/gpu_profile_vllm.py \
