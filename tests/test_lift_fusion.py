@@ -242,3 +242,23 @@ def test_pass_takes_the_previous_layers_dequant_into_the_producer(monkeypatch):
         assert torch.equal(r1, r3) and torch.equal(r2, r3) and torch.equal(o1, o3)
         assert float((o2.double() - o3.double()).norm() / o3.double().norm()) < 0.1
     assert p.last == {"add_rms_norm": 1, "rms_norm": 0, "silu_mul": 1, "left": 1, "with_dequant": 2}
+
+
+def test_install_adds_the_pass_once_and_yields_to_a_foreign_one(monkeypatch):
+    class Cfg:
+        def __init__(self, d):
+            self.inductor_compile_config = d
+    monkeypatch.setenv(lift_fusion.ENV, "1")
+    c = Cfg({})
+    assert lift_fusion.install(c) is None
+    first = c.inductor_compile_config[lift_fusion.KEY]
+    assert isinstance(first, lift_fusion.LiftFusionPass)
+    assert lift_fusion.install(c) is None and c.inductor_compile_config[lift_fusion.KEY] is first
+    assert "another" in lift_fusion.install(Cfg({lift_fusion.KEY: object()}))
+    for off in ("0", None):  # opt-in: unset is off
+        if off is None:
+            monkeypatch.delenv(lift_fusion.ENV)
+        else:
+            monkeypatch.setenv(lift_fusion.ENV, off)
+        assert "not 1" in lift_fusion.install(Cfg({})) and not lift_fusion.lift_fusion_enabled()
+

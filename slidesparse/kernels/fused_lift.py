@@ -17,7 +17,9 @@ followed by core.quant.quantize_rows and core.pattern.lift. Each Triton program 
 pass 1 the RMS statistics (and writes x + r), pass 2 the amax of the normalised row, pass 3
 gathers each lifted column's source and quantizes it. Passes 2 and 3 re-read the row from L2, so
 HBM sees the inputs once. Rows are padded to m_align and columns to k_align with zeros, as the
-GEMMs want (kernels/quant_slide.py).
+GEMMs want (kernels/quant_slide.py). The kernels compile without FMA contraction: a fused
+(acc * s_tok) * s_ch + bias rounds differently from the graph's separate multiply and add, and
+x + r must be the graph's to the bit (it is the residual stream).
 
 runtime/lift_fusion.py puts these in the producer's place in vLLM's post-grad graph; the custom
 ops are registered here (torch.library, with fake implementations, no host sync).
@@ -419,7 +421,7 @@ def _launch(kind: int, x: torch.Tensor | Dequant, residual: torch.Tensor | None,
             q.stride(0), float(eps), HAS_W=weight is not None, DEQ=deq is not None,
             HAS_B=deq is not None and deq.bias is not None, HALF=half, W=w_n, WP=wp,
             IS_BF16=xdt == torch.bfloat16, G_BLK=g_blk, ONE_BLOCK=one,
-            num_warps=8 if g_blk * wp >= 1024 else 4, **common)
+            num_warps=8 if g_blk * wp >= 1024 else 4, enable_fp_fusion=False, **common)
         return q, s[:m], ro
     # odd shapes: one element per lane, from a materialised x
     x = deq.value() if deq is not None else x.contiguous()
@@ -430,7 +432,7 @@ def _launch(kind: int, x: torch.Tensor | Dequant, residual: torch.Tensor | None,
         x, rr, ww, ro if ro is not None else x, q, s, m, k, kq, x.stride(0), rr.stride(0),
         ro.stride(0) if ro is not None else 0, q.stride(0), float(eps),
         HAS_W=weight is not None, GROUP=pat.group, WINDOWS=pat.windows, INF=pat.L is None, BLOCK_K=block_k,
-        BLOCK_OUT=1024, num_warps=16 if k >= 8192 else (8 if k >= 2048 else 4), **common)
+        BLOCK_OUT=1024, num_warps=16 if k >= 8192 else (8 if k >= 2048 else 4), enable_fp_fusion=False, **common)
     return q, s[:m], ro
 
 

@@ -21,10 +21,13 @@ output feeding o_proj is an opaque op: its quant_lift stays, still one kernel in
 
 vLLM 0.26 keeps RMSNorm as vLLM IR ops in the post-grad graph until its IR lowering, which runs
 after the custom passes; SiLU*mul arrives decomposed (or as vLLM's `_C.silu_and_mul` where that
-custom op is enabled). The plugin installs the pass per model (`install`), from the quantization
-config, as `post_grad_custom_post_pass` of vLLM's compilation config; vLLM's pass manager runs it
-with its own passes. SLIDESPARSE_LIFT_FUSION=0 turns the fused form off: layers then trace the
-earlier codes-then-lift form (the "before" of docs/performance.md).
+custom op is enabled). With SLIDESPARSE_LIFT_FUSION=1 the plugin installs the pass per model
+(`install`), from the quantization config, as `post_grad_custom_post_pass` of vLLM's compilation
+config (vLLM's pass manager runs it with its own passes), and lifted layers with no dense bucket
+trace quant_lift. Without it (the default) they trace the codes-then-lift form: quantization in
+torch ops fused by Inductor into the producer, the lift inside the GEMM op. The fused form is
+opt-in because on the H200 it measured slower end to end (docs/performance.md): the producer
+kernels here are slower than Inductor's, which the lift they save does not make up for.
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ aten, prims = torch.ops.aten, torch.ops.prims
 
 
 def lift_fusion_enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+    # opt-in: on the H200 the fused form measured slower end to end than the codes-then-lift
+    # form it replaces (docs/performance.md, 2026-12-02 fourth session), so it is not the default
+    return os.environ.get(ENV, "0") == "1"
 
 
 def _pass_base():
@@ -325,7 +330,7 @@ def install(compilation_config) -> str | None:
     """Put the pass into vLLM's compilation config (before the model's backend copies it). Returns
     why it is not installed, or None."""
     if not lift_fusion_enabled():
-        return f"{ENV}=0"
+        return f"{ENV} is not 1 (the fused form is opt-in)"
     cfg = compilation_config.inductor_compile_config
     cur = cfg.get(KEY)
     if isinstance(cur, LiftFusionPass):

@@ -28,10 +28,11 @@ def _check(got, want, act, m):
     _assert_codes_match(q[:m], qr[:m], act)
     assert not q[m:].float().any(), "padded rows must be zero"
     # a row's scale is its amax: where 1/rms differs in its last bit from torch's, the largest
-    # value can round to a neighbouring bf16 (twice: after the norm and after the weight), seen
-    # on the H200 in 1 of 65536 rows; every other scale is exact to float32 rounding
+    # value can round to a neighbouring bf16 (twice: after the norm and after the weight; one
+    # bf16 step is 2**-8..2**-7 relative), seen on the H200 in 1-2 of 65536 rows; every other
+    # scale is exact to float32 rounding
     rel = (s / sr - 1).abs()
-    assert int((rel > 2e-6).sum()) <= max(1, m // 10000) and float(rel.max()) < 2 * 2 ** -8
+    assert int((rel > 2e-6).sum()) <= max(1, m // 10000) and float(rel.max()) <= 2 * 2 ** -7
 
 
 @pytest.mark.parametrize("act", ACTS)
