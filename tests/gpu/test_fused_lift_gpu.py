@@ -99,14 +99,15 @@ def test_kernels_under_cuda_graph_replay():
 
 @pytest.mark.parametrize("wdtype", ACTS)
 @pytest.mark.parametrize("L", ("2_6", "2_8", "2_10"))
-def test_decoder_step_with_the_pass_has_no_lift_and_matches_eager(L, wdtype):
+def test_decoder_step_with_the_pass_has_no_lift_and_matches_eager(L, wdtype, monkeypatch):
     """vLLM's traced form: fused_add_rms_norm (a vLLM IR op) -> the SlideSparse layer -> down's
     SiLU*mul producer; compiled with the pass, both quant_lifts fold into their producers (the
     graph has no lift kernel left) and the outputs match the eager layers within the band of
     FP8/INT8 codes that differ by one step."""
     from vllm import ir
     import vllm.ir.ops  # noqa: F401
-    from slidesparse.runtime.lift_fusion import LiftFusionPass
+    from slidesparse.runtime.lift_fusion import ENV, LiftFusionPass
+    monkeypatch.setenv(ENV, "1")  # the fused form is opt-in
     n, k = 4096, 2048
     be, up, q_up, s_up, b_up, act = _backend_layer(n, k, L, wdtype, 31)
     be2, down, q_dn, s_dn, _, _ = _backend_layer(k, n // 2, L, wdtype, 37, bias=False)
