@@ -262,3 +262,15 @@ def test_install_adds_the_pass_once_and_yields_to_a_foreign_one(monkeypatch):
             monkeypatch.setenv(lift_fusion.ENV, off)
         assert "not 1" in lift_fusion.install(Cfg({})) and not lift_fusion.lift_fusion_enabled()
 
+
+
+def test_a_table_tuned_under_the_other_form_is_named(monkeypatch):
+    """The tuner records the traced form in the table's policy; serving under the other one warns."""
+    from slidesparse.tune.search import policy_text
+    monkeypatch.setenv(lift_fusion.ENV, "1")
+    tuned_on = policy_text((16, 256), "balanced", 0.05)
+    assert tuned_on.endswith("lift fusion on") and lift_fusion.form_mismatch(tuned_on) is None
+    monkeypatch.setenv(lift_fusion.ENV, "0")
+    assert "measured with lift fusion on" in lift_fusion.form_mismatch(tuned_on)
+    assert lift_fusion.form_mismatch(policy_text((16, 4096), "prefill", 0.05)) is None
+    assert lift_fusion.form_mismatch("objective balanced (older table)") is None

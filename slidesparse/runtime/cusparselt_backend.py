@@ -34,7 +34,7 @@ from ..core.tuning import TuningTable
 from ..kernels import sparse_linear as sl
 from ..kernels.reference import dequant_ref
 from .backend import Backend, BackendError, SlidWeight
-from .lift_fusion import lift_fusion_enabled
+from .lift_fusion import form_mismatch, lift_fusion_enabled
 
 
 def bucket_plan(table: TuningTable | None, n: int, k_lifted: int, dtype: str) -> tuple[list[int], list[str]]:
@@ -135,6 +135,10 @@ class CusparseltBackend(Backend):
         if tuple(w.slid.shape) != (n, k_lifted):
             raise BackendError(f"slid weight has shape {tuple(w.slid.shape)}, expected ({n}, {k_lifted}) for "
                                f"K={k} and {w.pattern.name}")
+        why_form = form_mismatch(self.tuning.policy) if self.tuning is not None and w.pattern.L != 4 else None
+        if why_form and "form" not in self._warned:
+            self._warned.add("form")
+            warnings.warn(f"slidesparse: {why_form}")
         plan, configs = bucket_plan(self.tuning, n, k_lifted, w.weight_dtype)
         plan, why = _cutlass_usable(plan, configs, DTYPES[w.weight_dtype], n, w.act_dtype is not None)
         if why and ("cutlass", why) not in self._warned:

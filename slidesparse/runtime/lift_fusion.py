@@ -56,6 +56,22 @@ def lift_fusion_enabled() -> bool:
     return os.environ.get(ENV, "0") == "1"
 
 
+def form_text() -> str:
+    """How lifted layers trace, as a tuning table's policy records it (the runtime compares)."""
+    return f"lift fusion {'on' if lift_fusion_enabled() else 'off'}"
+
+
+def form_mismatch(policy: str | None) -> str | None:
+    """Why a table measured under another traced form may choose wrongly now, or None."""
+    if not policy:
+        return None
+    for other in ("on", "off"):
+        if f"lift fusion {other}" in policy and form_text() != f"lift fusion {other}":
+            return (f"the tuning table was measured with lift fusion {other}, this run has {form_text()} "
+                    f"({ENV}); re-run `slidesparse tune` with the setting you serve with")
+    return None
+
+
 def _pass_base():
     # vLLM's pass manager accepts only its own InductorPass subclasses
     try:

@@ -240,9 +240,11 @@ def tune_checkpoints(ckpts: list[Path], buckets=M_BUCKETS, progress=None, tp: in
 
 def policy_text(buckets, objective: str, mixed_min_gain: float) -> str:
     """How the table's plans were chosen, as the tuning file records it."""
+    from ..runtime.lift_fusion import form_text
     w = bucket_weights(buckets, objective)
     return (f"objective {objective} (bucket weights {', '.join(f'M<={m}: {x:g}' for m, x in zip(buckets, w))}); "
-            f"a plan with two weight copies must save {mixed_min_gain:g} of dense time more than the best one-copy plan")
+            f"a plan with two weight copies must save {mixed_min_gain:g} of dense time more than the best one-copy plan; "
+            f"{form_text()}")
 
 
 def _libraries(cfg: SlideSparseConfig) -> str:
