@@ -24,8 +24,10 @@ def test_tune_reads_a_converted_checkpoint(tmp_path):
     convert(tmp_path / "src", tmp_path / "ckpt", sparsity="2_8", dtype="int8")
     cfg, shapes = checkpoint_shapes(tmp_path / "ckpt")
     assert cfg.sparsity == "2_8" and cfg.weight_dtype == "int8"
-    # the layers vLLM builds: o (240, 240), down (240, 480), qkv 240+80+80, gate_up 2*480
-    assert shapes == [(240, 240), (240, 480), (400, 240), (960, 240)]
+    # the layers vLLM builds: o (240, 240), down (240, 480), qkv 240+80+80, gate_up 2*480, each
+    # with the kernel that makes its input (the tuner times the layer behind it)
+    assert shapes == [(240, 240, "attention"), (240, 480, "silu_mul"), (400, 240, "rms_norm"),
+                      (960, 240, "rms_norm")]
 
 
 def test_choose_plan_compares_whole_plans():

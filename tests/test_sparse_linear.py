@@ -149,6 +149,33 @@ def test_the_harness_compiles_as_many_layers_as_a_tuning_run_needs(monkeypatch):
     for i in range(12):  # layer shapes and plans differ, as in a tuning run: each one a recompile
         n, k = 32 + 8 * i, 96 + 16 * i
         layer = _layer([] if i % 2 else [20 + i, sl.DENSE, 0, 1], g, n=n, k=k)
-        f = traced_forward(CusparseltBackend(), layer)
-        out = f(torch.randn(5, k, generator=g).bfloat16(), torch.zeros(5, n, dtype=torch.bfloat16))
+        producer = ("rms_norm", "silu_mul", "attention")[i % 3]
+        f = traced_forward(CusparseltBackend(), layer, producer=producer)
+        x = torch.randn(5, 2 * k if producer == "silu_mul" else k, generator=g).bfloat16()
+        out = f(x, torch.zeros(5, n, dtype=torch.bfloat16))
         assert out.shape == (5, n) and bool(torch.isfinite(out.float()).all())
+
+
+@pytest.mark.parametrize("producer", ("rms_norm", "silu_mul", "attention"))
+def test_the_harness_times_each_layer_behind_its_producer(monkeypatch, producer):
+    """traced_forward(producer=...) computes residual + layer(producer(x)): SiLU*mul of a [M, 2K]
+    input for down, the input itself for o_proj (the attention's output), RMSNorm otherwise."""
+    from slidesparse.bench.harness import input_width, traced_forward
+    _emulated(monkeypatch)
+    g = torch.Generator().manual_seed(11)
+    bias = torch.randn(N, generator=g).bfloat16()
+    for plan in ([20, sl.DENSE, 0, 1, 65536, sl.SPARSE, 0, 1], []):
+        layer = _layer(plan, g)
+        f = traced_forward(CusparseltBackend(), layer, bias, producer=producer)
+        for m in (3, 40):
+            x = (torch.randn(m, input_width(K, producer), generator=g) * 2).bfloat16()
+            res = torch.randn(m, N, generator=g).bfloat16()
+            # the producer in float32: Inductor keeps its output there, where eager rounds to bf16
+            xf = x.float()
+            y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) if producer == "rms_norm" else
+                 torch.nn.functional.silu(xf[:, :K]) * xf[:, K:] if producer == "silu_mul" else x)
+            ref = res.double() + _expected(layer, y, bias, bool(plan) and m <= 20).double()
+            err = float((f(x, res).double() - ref).norm() / ref.norm())
+            # bf16 roundings of the output and the residual add, and an FP8 code that differs by a step
+            # where the reduction order differs: well under 1.5%; a wrong producer is off by O(1)
+            assert err < 1.5e-2, (producer, plan, m, err)

@@ -3,8 +3,9 @@
 
     random_weight(n, k, sparsity, dtype)   a pruned (core.prune), quantized, slid random layer
     prepare(weight, plan)                  a layer prepared by the cusparselt backend with that plan
-    traced_forward(backend, layer)         the layer as vLLM runs it under torch.compile, between an
-                                           RMSNorm producer and a residual-add consumer, compiled
+    traced_forward(backend, layer)         the layer as vLLM runs it under torch.compile, between its
+                                           producer (RMSNorm, SiLU*mul, attention) and a residual-add
+                                           consumer, compiled
     graph_time_ms(fn)                      device time of one call, from CUDA-graph replays
 
 The producer and consumer matter: in vLLM, Inductor fuses the layer's per-token quantization into
@@ -32,7 +33,7 @@ from ..runtime.backend import SlidWeight
 from ..runtime.cusparselt_backend import CusparseltBackend
 
 __all__ = ["random_weight", "prepare", "plan_entries", "traced_forward", "eager_forward", "graph_time_ms",
-           "DENSE_EVERYWHERE"]
+           "DENSE_EVERYWHERE", "PRODUCERS", "producer_of", "input_width"]
 
 DENSE_EVERYWHERE = ((MAX_M, "dense", 0),)
 
@@ -117,29 +118,62 @@ def _allow_many_compiles() -> None:
             setattr(cfg, name, max(getattr(cfg, name), floor))
 
 
-def traced_forward(backend, layer, bias: torch.Tensor | None = None):
-    """f(x, residual) = residual + layer(rmsnorm(x)), compiled by Inductor with a dynamic M, as in a
-    vLLM model. Call it with x [M, K] and residual [M, N] (bf16)."""
-    _allow_many_compiles()
+# The kernel that makes a layer's input in a Llama/Qwen2 decoder, which Inductor fuses the
+# per-token quantization into (and, opted in, lift_fusion replaces by one of ours): the residual
+# add + RMSNorm before qkv and gate_up, SiLU*mul of gate_up's output before down, the attention
+# (an opaque op) before o_proj.
+PRODUCERS = ("rms_norm", "silu_mul", "attention")
+
+
+def producer_of(layer_name: str, config: dict | None = None) -> str:
+    """The producer of a vLLM layer's input (PRODUCERS), from its name and the model config."""
+    proj = layer_name.rpartition(".")[2]
+    if proj == "o_proj":
+        return "attention"
+    if proj == "down_proj" and (config or {}).get("hidden_act", "silu") == "silu" \
+            and "bitnet" not in str((config or {}).get("model_type", "")).lower():
+        return "silu_mul"   # (BitNet puts an RMSNorm, its ffn_sub_norm, before down)
+    return "rms_norm"
+
+
+def input_width(k: int, producer: str) -> int:
+    """Columns of the producer's input for a layer of K inputs (SiLU*mul reads gate and up)."""
+    return 2 * k if producer == "silu_mul" else k
+
+
+def _forward(backend, layer, bias, producer: str):
+    if producer not in PRODUCERS:
+        raise ValueError(f"unknown producer {producer!r}: choose one of {', '.join(PRODUCERS)}")
     norm_w = torch.ones(layer.ss_k, dtype=torch.bfloat16,
                         device=layer.ss_w_scale.device if layer.ss_w_scale is not None else "cuda")
 
+    def produce(x):
+        if producer == "rms_norm":
+            return _rms_norm(x, norm_w)
+        if producer == "silu_mul":
+            return torch.nn.functional.silu(x[:, :layer.ss_k]) * x[:, layer.ss_k:]
+        return x
+
     def f(x, residual):
-        return residual + backend.apply(layer, _rms_norm(x, norm_w), bias)
+        return residual + backend.apply(layer, produce(x), bias)
 
     def f_lifted(x, residual):
-        # what lift_fusion makes of f in vLLM's graph: the RMSNorm kernel writes x' itself
-        lifted, s_tok = torch.ops.slidesparse.rms_norm_quant_lift(x, norm_w, RMS_EPS, layer.ss_sparsity,
-                                                                  layer.ss_act_dtype, layer.ss_k_align,
-                                                                  layer.ss_m_align)
+        # what lift_fusion makes of f in vLLM's graph: the producer's kernel writes x' itself
+        args = (layer.ss_sparsity, layer.ss_act_dtype, layer.ss_k_align, layer.ss_m_align)
+        ops = torch.ops.slidesparse
+        lifted, s_tok = (ops.rms_norm_quant_lift(x, norm_w, RMS_EPS, *args) if producer == "rms_norm" else
+                         ops.silu_mul_quant_lift(x, *args) if producer == "silu_mul" else ops.quant_lift(x, *args))
         return residual + backend.apply_lifted(layer, lifted, s_tok, bias, x.dtype)
-    return torch.compile(f_lifted if getattr(layer, "ss_takes_lifted", False) else f, fullgraph=True, dynamic=True)
+    return f_lifted if getattr(layer, "ss_takes_lifted", False) else f
 
 
-def eager_forward(backend, layer, bias: torch.Tensor | None = None):
+def traced_forward(backend, layer, bias: torch.Tensor | None = None, producer: str = "rms_norm"):
+    """f(x, residual) = residual + layer(producer(x)), compiled by Inductor with a dynamic M, as in
+    a vLLM model. Call it with x [M, input_width(K, producer)] and residual [M, N] (bf16)."""
+    _allow_many_compiles()
+    return torch.compile(_forward(backend, layer, bias, producer), fullgraph=True, dynamic=True)
+
+
+def eager_forward(backend, layer, bias: torch.Tensor | None = None, producer: str = "rms_norm"):
     """The same computation without torch.compile (vLLM's --enforce-eager)."""
-    norm_w = torch.ones(layer.ss_k, dtype=torch.bfloat16, device="cuda")
-
-    def f(x, residual):
-        return residual + backend.apply(layer, _rms_norm(x, norm_w), bias)
-    return f
+    return _forward(backend, layer, bias, producer)

@@ -51,14 +51,22 @@ class TuneError(SlideSparseError):
     pass
 
 
-def checkpoint_shapes(ckpt: Path, tp: int = 1) -> tuple[SlideSparseConfig, list[tuple[int, int]]]:
-    """(config, sorted distinct (N, K) of the layers vLLM builds on one of `tp` ranks)."""
+def checkpoint_shapes(ckpt: Path, tp: int = 1) -> tuple[SlideSparseConfig, list[tuple[int, int, str]]]:
+    """(config, sorted distinct (N, K, producer) of the layers vLLM builds on one of `tp` ranks).
+
+    The producer (bench/harness.PRODUCERS) is the kernel that makes the layer's input, which the
+    tuner times the layer behind. The table is keyed by shape: where layers of one shape have
+    different producers (not in the presets), the RMSNorm one is measured."""
+    from ..bench.harness import producer_of
     try:
         c = Checkpoint(ckpt)  # validates config.json and every safetensors header
         kind, cfg = checkpoint_kind(c)
         projections = {name[:-len("." + SUFFIX_SHAPE)]: tuple(int(v) for v in c.get(name).tolist())
                        for name in c.tensors if name.endswith("." + SUFFIX_SHAPE)}
-        shapes = sorted(set(vllm_layer_shapes(projections, c.config, tp).values())) if projections else []
+        by_shape: dict[tuple[int, int], set[str]] = {}
+        for name, shape in (vllm_layer_shapes(projections, c.config, tp) if projections else {}).items():
+            by_shape.setdefault(shape, set()).add(producer_of(name, c.config))
+        shapes = sorted((n, k, "rms_norm" if len(p) > 1 else p.pop()) for (n, k), p in by_shape.items())
     except SlideSparseError as e:
         raise TuneError(str(e)) from None
     if kind != "slidesparse":
@@ -144,13 +152,15 @@ def best_cutlass_configs(w, buckets, gen) -> list[str] | None:
 
 def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds: int = 2,
                dense_cache: dict | None = None, mixed_min_gain: float = MIXED_MIN_GAIN,
-               objective: str = "balanced") -> list[TuningEntry]:
-    """Measure one layer shape at every bucket's M in the forms the runtime runs, and decide.
+               objective: str = "balanced", producer: str = "rms_norm") -> list[TuningEntry]:
+    """Measure one layer shape at every bucket's M in the forms the runtime runs, behind its
+    producer (bench/harness.PRODUCERS), and decide.
 
-    dense_cache: times of the all-dense form keyed by (n, k, dtype, M), shared between the
-    checkpoints of one `slidesparse tune` call (every variant of a model has the same dense
+    dense_cache: times of the all-dense form keyed by (n, k, dtype, producer, M), shared between
+    the checkpoints of one `slidesparse tune` call (every variant of a model has the same dense
     layers)."""
-    from ..bench.harness import DENSE_EVERYWHERE, eager_forward, graph_time_ms, prepare, random_weight, traced_forward
+    from ..bench.harness import (DENSE_EVERYWHERE, eager_forward, graph_time_ms, input_width, prepare, random_weight,
+                                 traced_forward)
     from ..core.tuning import MAX_M
     from ..kernels import cusparselt as cl
     from ..kernels.quant_slide import quant_slide
@@ -160,11 +170,12 @@ def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds
     w = random_weight(n, k, pat.name, wdt, gen)
     wc = cl.compress(w.slid)
     acc_dt = cl.acc_dtype_for(DTYPES[wdt]) if act else None
-    xs = {m: torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16) for m in buckets}
+    width = input_width(k, producer)
+    xs = {m: torch.randn(m, width, device="cuda", generator=gen).to(torch.bfloat16) for m in buckets}
     res = {m: torch.randn(m, n, device="cuda", generator=gen).to(torch.bfloat16) for m in buckets}
     algs = []
     for m in buckets:
-        xq, _ = quant_slide(xs[m], pat, act, k_align=cl.K_ALIGN, m_align=cl.M_ALIGN,
+        xq, _ = quant_slide(xs[m][:, :k].contiguous(), pat, act, k_align=cl.K_ALIGN, m_align=cl.M_ALIGN,
                             out_dtype=None if act else DTYPES[wdt])
         algs.append(cl.search_alg(wc, xq, acc_dt))  # cuSPARSELt times its own algorithms here
     del wc
@@ -178,9 +189,10 @@ def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds
     make = traced_forward if act else eager_forward
     fns = {}
     for name, plan in plans.items():
-        if name == "dense" and dense_cache is not None and all((n, k, wdt, m) in dense_cache for m in buckets):
+        if name == "dense" and dense_cache is not None and all((n, k, wdt, producer, m) in dense_cache
+                                                               for m in buckets):
             continue
-        fns[name] = make(*prepare(w, plan))
+        fns[name] = make(*prepare(w, plan), producer=producer)
     times: dict[str, dict[int, list[float]]] = {name: {m: [] for m in buckets} for name in fns}
     for r in range(rounds):
         for m in buckets:
@@ -189,9 +201,9 @@ def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds
                 times[name][m].append(graph_time_ms(lambda f=fns[name], m=m: f(xs[m], res[m])))
     med = {name: [statistics.median(times[name][m]) for m in buckets] for name in times}
     if "dense" not in med:
-        med["dense"] = [dense_cache[(n, k, wdt, m)] for m in buckets]
+        med["dense"] = [dense_cache[(n, k, wdt, producer, m)] for m in buckets]
     elif dense_cache is not None:
-        dense_cache.update({(n, k, wdt, m): t for m, t in zip(buckets, med["dense"])})
+        dense_cache.update({(n, k, wdt, producer, m): t for m, t in zip(buckets, med["dense"])})
     in_op = {k: med[v] for k, v in (("sparse", "sparse_in_op"), ("cutlass", "cutlass")) if v in med} if act else None
     chosen = choose_plan(med["dense"], med["sparse"], in_op, mixed_min_gain, bucket_weights(buckets, objective))
     all_sparse = set(chosen) == {"sparse"}
@@ -225,12 +237,12 @@ def tune_checkpoints(ckpts: list[Path], buckets=M_BUCKETS, progress=None, tp: in
     done, out = 0, []
     for ckpt, cfg, shapes in work:
         entries = []
-        for n, k in shapes:
+        for n, k, producer in shapes:
             entries += tune_shape(n, k, cfg, buckets, dense_cache=dense_cache, mixed_min_gain=mixed_min_gain,
-                                  objective=objective)
+                                  objective=objective, producer=producer)
             done += 1
             if progress:
-                progress(done, total, f"{ckpt.name}: N={n} K={k}")
+                progress(done, total, f"{ckpt.name}: N={n} K={k} ({producer})")
         table = TuningTable(device=torch.cuda.get_device_name(), tensor_parallel_size=tp, entries=tuple(entries),
                             library=_libraries(cfg), policy=policy_text(buckets, objective, mixed_min_gain))
         table.save(ckpt / TUNING_FILE)
