@@ -13,13 +13,19 @@ duplicated columns (docs/performance.md has the byte accounting):
 
 The math is the torch definitions below (`*_ref`), which are vLLM's native ops (vllm/ir/ops/
 layernorm.py, SiluAndMul.forward_native: float32 statistics, bf16/fp16 roundings where they round)
-followed by core.quant.quantize_rows and core.pattern.lift. Each Triton program owns one row:
-pass 1 the RMS statistics (and writes x + r), pass 2 the amax of the normalised row, pass 3
-gathers each lifted column's source and quantizes it. Passes 2 and 3 re-read the row from L2, so
-HBM sees the inputs once. Rows are padded to m_align and columns to k_align with zeros, as the
-GEMMs want (kernels/quant_slide.py). The kernels compile without FMA contraction: a fused
-(acc * s_tok) * s_ch + bias rounds differently from the graph's separate multiply and add, and
-x + r must be the graph's to the bit (it is the residual stream).
+followed by core.quant.quantize_rows and core.pattern.lift. x (or t) may also be given as the
+previous lifted layer's cuSPARSELt accumulator with its scales (`Dequant`): its dequant pass,
+which Inductor would have fused into the producer, then happens in the same kernel.
+
+Each Triton program owns one row. `_tile_kernel` (bf16/fp16, even K) works on [groups, windows]
+tiles of 32-bit pairs, as kernels/quant_slide.py's lift does: the whole row in one block where it
+fits (the inputs are read once), else three sweeps (statistics, amax, codes) that re-read the
+row from L2. `_producer_quant_lift_kernel` (any shape and float dtype) gathers one lifted column
+per lane. Rows are padded to m_align and columns to k_align with zeros, as the GEMMs want. Both
+compile without FMA contraction: a fused (acc * s_tok) * s_ch + bias rounds differently from the
+graph's separate multiply and add, and x + r must be the graph's to the bit (it is the residual
+stream). Measured on the H200 (docs/performance.md): both are slower than Inductor's producers,
+which is why runtime/lift_fusion.py is opt-in.
 
 runtime/lift_fusion.py puts these in the producer's place in vLLM's post-grad graph; the custom
 ops are registered here (torch.library, with fake implementations, no host sync).
@@ -36,8 +42,8 @@ from ..core.quant import AMAX_FLOOR, DTYPES, dtype_name, qmax
 from .quant_slide import QuantSlideError, _torch_impl, padded_lifted_k, quant_slide
 from .reference import dequant_ref
 
-__all__ = ["rms_norm_ref", "add_rms_norm_ref", "silu_mul_ref", "rms_norm_quant_lift", "add_rms_norm_quant_lift",
-           "silu_mul_quant_lift", "quant_lift"]
+__all__ = ["Dequant", "rms_norm_ref", "add_rms_norm_ref", "silu_mul_ref", "rms_norm_quant_lift",
+           "add_rms_norm_quant_lift", "silu_mul_quant_lift", "quant_lift"]
 
 try:  # Triton is optional at import time (CPU machines run the torch definitions)
     import triton
