@@ -23,7 +23,9 @@ dense GEMM of the dtype with the scales in its epilogue (kernels/dense.py) on th
     slidesparse::sparse_linear_lifted(x', ...)    the same with CUTLASS buckets: the finished output
 
 In the traced forms the caller quantizes x in torch ops in x's shape (core.quant.quantize_rows),
-which Inductor fuses into the op that produced x, as it does for vLLM's own per-token quantization.
+which Inductor fuses into the op that produced x, as it does for vLLM's own per-token quantization;
+with the lift fusion opted in (runtime/lift_fusion.py), a lifted layer with no dense bucket instead
+takes x' from slidesparse::quant_lift, which the pass replaces by the producer's kernel.
 """
 
 from __future__ import annotations
