@@ -86,6 +86,16 @@ def _quant_lift_torch(y: torch.Tensor, pat: Pattern, act_dtype: str, k_align: in
 # ----------------------------------------------------------------------------- Triton
 
 if triton is not None:
+    from .quant_slide import _quantize
+
+    @triton.jit
+    def _store_scale(amax, s_ptr, row, QMAX: tl.constexpr, FLOOR: tl.constexpr):
+        """Store the row's scale amax / qmax; return qmax / amax as torch evaluates it
+        (reciprocal(amax) * qmax), so the codes are identical."""
+        a = tl.maximum(amax, FLOOR)
+        tl.store(s_ptr + row, tl.math.div_rn(a, tl.full([], QMAX, tl.float32)))
+        return tl.math.div_rn(tl.full([], 1.0, tl.float32), a) * QMAX
+
     @triton.jit
     def _produce(x_row, r_row, w_ptr, idx, mask, rstd, K, KIND: tl.constexpr, HAS_W: tl.constexpr):
         """The producer's output (float32 holding a value of x's dtype) at columns idx."""
@@ -139,10 +149,7 @@ if triton is not None:
             kk = k0 + offs
             y = _produce(x_row, r_row, w_ptr, kk, kk < klim, rstd, K, KIND, HAS_W)
             amax = tl.maximum(amax, tl.abs(y))
-        a = tl.maximum(tl.max(amax, 0), FLOOR)
-        # torch evaluates qmax / amax as reciprocal(amax) * qmax: mirror it for identical codes
-        inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), a) * QMAX
-        tl.store(s_ptr + row, tl.math.div_rn(a, tl.full([], QMAX, tl.float32)))
+        inv = _store_scale(tl.max(amax, 0), s_ptr, row, QMAX, FLOOR)
         cols = tl.arange(0, BLOCK_OUT)
         LG: tl.constexpr = 4 * WINDOWS
         for c0 in range(0, KQ, BLOCK_OUT):
@@ -160,14 +167,7 @@ if triton is not None:
             src = g * GROUP + within
             valid = ok & (src < klim)
             y = _produce(x_row, r_row, w_ptr, src, valid, rstd, K, KIND, HAS_W)
-            v = y * inv
-            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-            if MODE == 1:
-                # round half to even: adding 1.5 * 2**23 leaves no fraction bits in fp32
-                code = ((v + 12582912.0) - 12582912.0).to(tl.int8)
-            else:
-                code = v.to(q_ptr.dtype.element_ty)
-            tl.store(q_row + c, code, mask=c < KQ)
+            tl.store(q_row + c, _quantize(y, inv, MODE, QMAX, q_ptr.dtype.element_ty), mask=c < KQ)
 
 
 if triton is not None:
@@ -216,12 +216,42 @@ if triton is not None:
         return y_lo.to(XT).to(tl.float32), y_hi.to(XT).to(tl.float32)
 
     @triton.jit
-    def _code(v, inv, MODE: tl.constexpr, QMAX: tl.constexpr, OUT_TY: tl.constexpr):
-        v = tl.minimum(tl.maximum(v * inv, -QMAX), QMAX)
-        if MODE == 1:
-            # round half to even: adding 1.5 * 2**23 leaves no fraction bits in fp32
-            return ((v + 12582912.0) - 12582912.0).to(tl.int8)
-        return v.to(OUT_TY)
+    def _block_inputs(xw_row, rw_row, acc_row, ro_row, st, sc_ptr, b_ptr, pa, ma, mb, last, off,
+                      KIND: tl.constexpr, DEQ: tl.constexpr, HAS_B: tl.constexpr, IS_BF16: tl.constexpr,
+                      XT: tl.constexpr, STORE_RES: tl.constexpr):
+        """One block's producer inputs at tile A (pairs pa, mask ma) and B (pa + 1, mask mb): h (x,
+        or x + r, stored to ro where STORE_RES: all of A and B's `last` pairs; SiLU*mul: the gate)
+        and u (SiLU*mul's up half; h again for the norm kinds, which do not read it)."""
+        a_lo, a_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa, 0, ma, DEQ, HAS_B, IS_BF16, XT)
+        b_lo, b_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa + 1, 0, mb, DEQ, HAS_B, IS_BF16, XT)
+        if KIND == 2:
+            ua_lo, ua_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa, off, ma, DEQ, HAS_B, IS_BF16, XT)
+            ub_lo, ub_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa + 1, off, mb, DEQ, HAS_B, IS_BF16, XT)
+        else:
+            if KIND == 1:
+                ra_lo, ra_hi = _pairs(rw_row, pa, ma, IS_BF16)
+                rb_lo, rb_hi = _pairs(rw_row, pa + 1, mb, IS_BF16)
+                a_lo += ra_lo
+                a_hi += ra_hi
+                b_lo += rb_lo
+                b_hi += rb_hi
+                if STORE_RES:
+                    tl.store(ro_row + 2 * pa, a_lo.to(XT), mask=ma)
+                    tl.store(ro_row + 2 * pa + 1, a_hi.to(XT), mask=ma)
+                    tl.store(ro_row + 2 * pa + 2, b_lo.to(XT), mask=last)
+                    tl.store(ro_row + 2 * pa + 3, b_hi.to(XT), mask=last)
+            ua_lo, ua_hi, ub_lo, ub_hi = a_lo, a_hi, b_lo, b_hi
+        return a_lo, a_hi, b_lo, b_hi, ua_lo, ua_hi, ub_lo, ub_hi
+
+    @triton.jit
+    def _store_windows(q_row, g, ci, ya_lo, ya_hi, yb_lo, yb_hi, inv, NG, W: tl.constexpr, WP: tl.constexpr,
+                       G_BLK: tl.constexpr, MODE: tl.constexpr, QMAX: tl.constexpr):
+        """Codes of one block's windows, bytes a_lo, a_hi, b_lo, b_hi (join pairs the last axis as
+        [first, second]), stored at group g's 4 * W lifted columns."""
+        out_ty = q_row.dtype.element_ty
+        win = tl.join(tl.join(_quantize(ya_lo, inv, MODE, QMAX, out_ty), _quantize(yb_lo, inv, MODE, QMAX, out_ty)),
+                      tl.join(_quantize(ya_hi, inv, MODE, QMAX, out_ty), _quantize(yb_hi, inv, MODE, QMAX, out_ty)))
+        tl.store(q_row + g * (4 * W) + ci, tl.reshape(win, (G_BLK, 4 * WP)), mask=(ci < 4 * W) & (g < NG))
 
     @triton.jit
     def _tile_kernel(xw_ptr, rw_ptr, ww_ptr, ro_ptr, acc_ptr, st_ptr, sc_ptr, b_ptr, q_ptr, s_ptr,
@@ -260,91 +290,44 @@ if triton is not None:
             ma = (ji < W) & (pa < npairs)
             mb = ma & (ji + 1 < HALF) & (pa + 1 < npairs)
             last = mb & (ji == W - 1)  # B's pair that A does not hold
-            a_lo, a_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa, 0, ma, DEQ, HAS_B, IS_BF16, XT)
-            b_lo, b_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa + 1, 0, mb, DEQ, HAS_B, IS_BF16, XT)
-            if KIND == 2:
-                ua_lo, ua_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa, off, ma, DEQ, HAS_B, IS_BF16, XT)
-                ub_lo, ub_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa + 1, off, mb, DEQ, HAS_B,
-                                           IS_BF16, XT)
-            else:
-                ua_lo, ua_hi, ub_lo, ub_hi = a_lo, a_hi, b_lo, b_hi  # unused by the norm kinds
-                if KIND == 1:
-                    ra_lo, ra_hi = _pairs(rw_row, pa, ma, IS_BF16)
-                    rb_lo, rb_hi = _pairs(rw_row, pa + 1, mb, IS_BF16)
-                    a_lo += ra_lo
-                    a_hi += ra_hi
-                    b_lo += rb_lo
-                    b_hi += rb_hi
-                    tl.store(ro_row + 2 * pa, a_lo.to(XT), mask=ma)
-                    tl.store(ro_row + 2 * pa + 1, a_hi.to(XT), mask=ma)
-                    tl.store(ro_row + 2 * pa + 2, b_lo.to(XT), mask=last)
-                    tl.store(ro_row + 2 * pa + 3, b_hi.to(XT), mask=last)
+            a_lo, a_hi, b_lo, b_hi, ua_lo, ua_hi, ub_lo, ub_hi = _block_inputs(
+                xw_row, rw_row, acc_row, ro_row, st, sc_ptr, b_ptr, pa, ma, mb, last, off, KIND, DEQ, HAS_B, IS_BF16,
+                XT, True)
+            if KIND != 2:
                 ssq = a_lo * a_lo + a_hi * a_hi + tl.where(last, b_lo * b_lo + b_hi * b_hi, 0.0)
                 rstd = tl.math.rsqrt(tl.sum(tl.sum(ssq, 1), 0) / K + eps)
             ya_lo, ya_hi = _finish(a_lo, a_hi, ua_lo, ua_hi, ww_ptr, pa, ma, rstd, KIND, HAS_W, IS_BF16, XT)
             yb_lo, yb_hi = _finish(b_lo, b_hi, ub_lo, ub_hi, ww_ptr, pa + 1, mb, rstd, KIND, HAS_W, IS_BF16, XT)
             amax = tl.maximum(tl.abs(ya_lo), tl.abs(ya_hi))
             amax = tl.maximum(amax, tl.where(last, tl.maximum(tl.abs(yb_lo), tl.abs(yb_hi)), 0.0))
-            a = tl.maximum(tl.max(tl.max(amax, 1), 0), FLOOR)
-            inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), a) * QMAX
-            tl.store(s_ptr + row, tl.math.div_rn(a, tl.full([], QMAX, tl.float32)))
-            out_ty = q_ptr.dtype.element_ty
-            # window bytes a_lo, a_hi, b_lo, b_hi: join pairs the last axis as [first, second]
-            win = tl.join(tl.join(_code(ya_lo, inv, MODE, QMAX, out_ty), _code(yb_lo, inv, MODE, QMAX, out_ty)),
-                          tl.join(_code(ya_hi, inv, MODE, QMAX, out_ty), _code(yb_hi, inv, MODE, QMAX, out_ty)))
-            tl.store(q_row + gi * (4 * W) + ci, tl.reshape(win, (G_BLK, 4 * WP)), mask=(ci < 4 * W) & (gi < NG))
+            inv = _store_scale(tl.max(tl.max(amax, 1), 0), s_ptr, row, QMAX, FLOOR)
+            _store_windows(q_row, gi, ci, ya_lo, ya_hi, yb_lo, yb_hi, inv, NG, W, WP, G_BLK, MODE, QMAX)
         else:
             if KIND != 2:
                 for g0 in range(0, NG, G_BLK):
                     pa = (g0 + gi) * HALF + ji
                     ma = (ji < W) & (pa < npairs)
                     last = ma & (ji + 1 < HALF) & (pa + 1 < npairs) & (ji == W - 1)
-                    a_lo, a_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa, 0, ma, DEQ, HAS_B, IS_BF16, XT)
-                    b_lo, b_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa + 1, 0, last, DEQ, HAS_B,
-                                             IS_BF16, XT)
-                    if KIND == 1:
-                        ra_lo, ra_hi = _pairs(rw_row, pa, ma, IS_BF16)
-                        rb_lo, rb_hi = _pairs(rw_row, pa + 1, last, IS_BF16)
-                        a_lo += ra_lo
-                        a_hi += ra_hi
-                        b_lo += rb_lo
-                        b_hi += rb_hi
-                        tl.store(ro_row + 2 * pa, a_lo.to(XT), mask=ma)
-                        tl.store(ro_row + 2 * pa + 1, a_hi.to(XT), mask=ma)
-                        tl.store(ro_row + 2 * pa + 2, b_lo.to(XT), mask=last)
-                        tl.store(ro_row + 2 * pa + 3, b_hi.to(XT), mask=last)
+                    # B is only needed for its last pair here: load just that one
+                    a_lo, a_hi, b_lo, b_hi, _, _, _, _ = _block_inputs(
+                        xw_row, rw_row, acc_row, ro_row, st, sc_ptr, b_ptr, pa, ma, last, last, off, KIND, DEQ,
+                        HAS_B, IS_BF16, XT, True)
                     ssq += a_lo * a_lo + a_hi * a_hi + tl.where(last, b_lo * b_lo + b_hi * b_hi, 0.0)
                 rstd = tl.math.rsqrt(tl.sum(tl.sum(ssq, 1), 0) / K + eps)
             # the amax, then the codes: two sweeps (the second re-reads the row from L2). With a
             # residual, h = x + r is re-formed from x and r: the stored x + r is rounded
             for sweep in tl.static_range(2):
                 if sweep == 1:
-                    a = tl.maximum(tl.max(tl.max(amax, 1), 0), FLOOR)
-                    inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), a) * QMAX
-                    tl.store(s_ptr + row, tl.math.div_rn(a, tl.full([], QMAX, tl.float32)))
+                    inv = _store_scale(tl.max(tl.max(amax, 1), 0), s_ptr, row, QMAX, FLOOR)
                 for g0 in range(0, NG, G_BLK):
                     g = g0 + gi
                     pa = g * HALF + ji
                     ma = (ji < W) & (pa < npairs)
                     mb = ma & (ji + 1 < HALF) & (pa + 1 < npairs)
                     last = mb & (ji == W - 1)
-                    a_lo, a_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa, 0, ma, DEQ, HAS_B, IS_BF16, XT)
-                    b_lo, b_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa + 1, 0, mb, DEQ, HAS_B,
-                                             IS_BF16, XT)
-                    if KIND == 2:
-                        ua_lo, ua_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa, off, ma, DEQ, HAS_B,
-                                                   IS_BF16, XT)
-                        ub_lo, ub_hi = _input_pair(xw_row, acc_row, st, sc_ptr, b_ptr, pa + 1, off, mb, DEQ, HAS_B,
-                                                   IS_BF16, XT)
-                    else:
-                        ua_lo, ua_hi, ub_lo, ub_hi = a_lo, a_hi, b_lo, b_hi  # unused by the norm kinds
-                        if KIND == 1:
-                            ra_lo, ra_hi = _pairs(rw_row, pa, ma, IS_BF16)
-                            rb_lo, rb_hi = _pairs(rw_row, pa + 1, mb, IS_BF16)
-                            a_lo += ra_lo
-                            a_hi += ra_hi
-                            b_lo += rb_lo
-                            b_hi += rb_hi
+                    a_lo, a_hi, b_lo, b_hi, ua_lo, ua_hi, ub_lo, ub_hi = _block_inputs(
+                        xw_row, rw_row, acc_row, ro_row, st, sc_ptr, b_ptr, pa, ma, mb, last, off, KIND, DEQ, HAS_B,
+                        IS_BF16, XT, False)
                     ya_lo, ya_hi = _finish(a_lo, a_hi, ua_lo, ua_hi, ww_ptr, pa, ma, rstd, KIND, HAS_W, IS_BF16, XT)
                     yb_lo, yb_hi = _finish(b_lo, b_hi, ub_lo, ub_hi, ww_ptr, pa + 1, mb, rstd, KIND, HAS_W,
                                            IS_BF16, XT)
@@ -352,13 +335,7 @@ if triton is not None:
                         amax = tl.maximum(amax, tl.maximum(tl.abs(ya_lo), tl.abs(ya_hi)))
                         amax = tl.maximum(amax, tl.where(last, tl.maximum(tl.abs(yb_lo), tl.abs(yb_hi)), 0.0))
                     else:
-                        out_ty = q_ptr.dtype.element_ty
-                        win = tl.join(tl.join(_code(ya_lo, inv, MODE, QMAX, out_ty),
-                                              _code(yb_lo, inv, MODE, QMAX, out_ty)),
-                                      tl.join(_code(ya_hi, inv, MODE, QMAX, out_ty),
-                                              _code(yb_hi, inv, MODE, QMAX, out_ty)))
-                        tl.store(q_row + g * (4 * W) + ci, tl.reshape(win, (G_BLK, 4 * WP)),
-                                 mask=(ci < 4 * W) & (g < NG))
+                        _store_windows(q_row, g, ci, ya_lo, ya_hi, yb_lo, yb_hi, inv, NG, W, WP, G_BLK, MODE, QMAX)
         # the k_align columns past the last group
         tail = tl.arange(0, 64)
         for c0 in range(NG * 4 * W, KQ, 64):
