@@ -33,7 +33,6 @@ from __future__ import annotations
 import torch
 
 from ..core.pattern import Pattern, parse_pattern
-from ..core.quant import DTYPES
 
 SPARSE, DENSE, CUTLASS = 0, 1, 2
 KINDS = {"sparse": SPARSE, "dense": DENSE, "cutlass": CUTLASS}
@@ -79,6 +78,13 @@ def cutlass_lifted(codes: torch.Tensor, s_tok: torch.Tensor, cw_values: torch.Te
     from . import cutlass_sparse as cs
     from .quant_slide import lift_codes
     x_lifted = lift_codes(codes, _pattern(sparsity), cs.K_ALIGN, 1, impl="triton" if codes.is_cuda else "torch")
+    return _cutlass_mm(x_lifted, s_tok, cw_values, cw_meta, cw_k, w_scale, bias, n, config, out_dtype)
+
+
+def _cutlass_mm(x_lifted, s_tok, cw_values, cw_meta, cw_k: int, w_scale, bias, n: int, config: str,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """SlideSparse's CUTLASS kernel on lifted codes [M, K'] (no row padding): the finished output."""
+    from . import cutlass_sparse as cs
     return cs.scaled_sparse_mm(x_lifted, _cutlass_weight(cw_values, cw_meta, n, cw_k), s_tok.contiguous(), w_scale,
                                None if bias is None else bias.to(out_dtype).contiguous(), out_dtype, config)
 
@@ -104,9 +110,8 @@ def linear_eager(x: torch.Tensor, w_compressed: torch.Tensor | None, w_scale: to
     if kind == CUTLASS:
         from . import cutlass_sparse as cs
         xq, s_tok = quant_slide(x2, pat, act_dtype, k_align=cs.K_ALIGN)  # quantized and lifted in one pass
-        out = cs.scaled_sparse_mm(xq, _cutlass_weight(cw_values, cw_meta, n, cw_k), s_tok, w_scale,
-                                  None if bias is None else bias.to(x.dtype).contiguous(), x.dtype,
-                                  cutlass_configs.split(";")[alg])
+        out = _cutlass_mm(xq, s_tok, cw_values, cw_meta, cw_k, w_scale, bias, n, cutlass_configs.split(";")[alg],
+                          x.dtype)
     elif kind == DENSE:
         if not act_dtype:
             out = torch.nn.functional.linear(x2.to(w_dense.dtype), w_dense,
@@ -122,9 +127,7 @@ def linear_eager(x: torch.Tensor, w_compressed: torch.Tensor | None, w_scale: to
         out = out + bias.to(out.dtype) if bias is not None else out.contiguous()
     else:
         xq, s_tok = quant_slide(x2, pat, act_dtype, k_align=cl.K_ALIGN, m_align=cl.M_ALIGN)
-        acc = cl.sparse_mm(w_compressed, xq, cl.acc_dtype_for(DTYPES[act_dtype]), alg_id=alg, split_k=split_k,
-                           n=cl.padded_n(n))
-        out = dequant(acc, s_tok, w_scale, bias, x.dtype, m=m, n=n)
+        out = dequant(mm_from_lifted(xq, w_compressed, n, alg, split_k), s_tok, w_scale, bias, x.dtype, m=m, n=n)
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
@@ -138,9 +141,7 @@ def mm_lifted(codes: torch.Tensor, w_compressed: torch.Tensor, n: int, sparsity:
     m = codes.shape[0]
     x_lifted = lift_codes(codes, _pattern(sparsity), cl.K_ALIGN, cl.M_ALIGN,
                           impl="triton" if codes.is_cuda else "torch")
-    acc = cl.sparse_mm(w_compressed, x_lifted, cl.acc_dtype_for(codes.dtype), alg_id=alg, split_k=split_k,
-                       n=cl.padded_n(n))
-    return acc[:m]
+    return mm_from_lifted(x_lifted, w_compressed, n, alg, split_k)[:m]
 
 
 def linear_from_codes(codes: torch.Tensor, s_tok: torch.Tensor, w_compressed: torch.Tensor | None,
@@ -180,10 +181,8 @@ def linear_from_lifted(lifted: torch.Tensor, s_tok: torch.Tensor, w_compressed: 
     if kind == DENSE:
         raise RuntimeError("slidesparse: a dense bucket cannot take lifted activations")
     if kind == CUTLASS:
-        from . import cutlass_sparse as cs
-        return cs.scaled_sparse_mm(lifted[:m], _cutlass_weight(cw_values, cw_meta, n, cw_k), s_tok.contiguous(),
-                                   w_scale, None if bias is None else bias.to(out_dtype).contiguous(), out_dtype,
-                                   cutlass_configs.split(";")[alg])
+        return _cutlass_mm(lifted[:m], s_tok, cw_values, cw_meta, cw_k, w_scale, bias, n,
+                           cutlass_configs.split(";")[alg], out_dtype)
     acc = mm_from_lifted(lifted, w_compressed, n, alg, split_k)
     return dequant(acc, s_tok, w_scale, bias, out_dtype, m=m, n=n, impl="triton" if lifted.is_cuda else "torch")
 
