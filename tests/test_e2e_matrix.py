@@ -73,6 +73,14 @@ def test_a_prefill_step_must_hold_whole_prompts():
         mx.Settings(prefill_len=1000).validate([1500])
 
 
+def test_the_prefill_step_floor_is_checked():
+    mx.Settings(min_steps=16, max_steps=16).validate([2048])
+    with pytest.raises(mx.MatrixError, match="--min-steps \\(17\\) is more than --max-steps \\(16\\)"):
+        mx.Settings(min_steps=17, max_steps=16).validate([2048])
+    with pytest.raises(mx.MatrixError, match="--min-steps must be >= 1"):
+        mx.Settings(min_steps=0).validate([2048])
+
+
 # ---------------------------------------------------------------- the results file
 
 def _rec(model, variant, phase, m, ok=True, settings=None, **kw):
@@ -544,6 +552,8 @@ def test_matrix_sweep_in_vllm_cpu_checks_tokens_per_step(tmp_path):
     for (_, _, phase, m), r in pts.items():
         assert r["ok"], r
         s1, s2, reps = r["steps_short"], r["steps_long"], 2
+        # prefill: at least --min-steps (6 by default) steps in the timed difference, at most --max-steps
+        assert phase == "decode" or 6 <= s2 - s1 <= 16, (s1, s2)
         # the warm-up run, then `reps` pairs; prefill counts steps, decode adds its prefill step per run
         runs = [s1 + 2] + [s1, s2] * reps
         assert r["checked_runs"] == len(runs)

@@ -60,3 +60,31 @@ def test_merge_ratios_against_the_same_runs_dense(tmp_path):
     line = next(x for x in md.splitlines() if x.startswith("| p | fp8 | 16384 |"))
     want = b[(16384, "dense", "vllm_cutlass")] / b[(16384, "2_8", "slidesparse_cutlass")]
     assert f"({want:.3f}x)" in line
+
+
+def test_a_run_without_dense_is_measured_against_the_run_before_and_labels_rename(tmp_path):
+    # the session's cuSPARSELt 0.10 run is `--only cusparselt`: no dense column of its own
+    rng = random.Random()
+    a_rows, a = _rows(rng, [("dense", "vllm_cutlass"), ("2_8", "cusparselt_0.8.0+dequant")], dense_scale=1.0)
+    b_rows, b = _rows(rng, [("2_8", "cusparselt_0.8.0+dequant"), ("2_8", "cusparselt_1.0.0+dequant")], dense_scale=1.0)
+    for name, rows in (("a", a_rows), ("b", b_rows)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(command=f"run {name}", rows=rows)))
+    subprocess.run([sys.executable, str(ROOT / "tools/gpu_gemm_compare.py"), "--merge", str(tmp_path / "a.json"),
+                    str(tmp_path / "b.json"), "--out", str(tmp_path / "m"),
+                    "--label", "cusparselt_1.0.0+dequant=cusparselt_0.10.0+dequant"], check=True, capture_output=True)
+    table = json.loads((tmp_path / "m.json").read_text())["table"]
+    got = {(r["m"], r["pattern"], r["variant"]): (r["ms"], r["dense_ms_same_run"]) for r in table}
+    assert not any(v == "cusparselt_1.0.0+dequant" for (_, _, v) in got)
+    for m in (64, 16384):
+        for v, src in (("cusparselt_0.10.0+dequant", "cusparselt_1.0.0+dequant"), ("cusparselt_0.8.0+dequant",) * 2):
+            ms, dense = got[(m, "2_8", v)]
+            assert abs(ms - b[(m, "2_8", src)]) < 1e-9           # B's time (the later run)
+            assert abs(dense - a[(m, "dense", "vllm_cutlass")]) < 1e-9   # against A's dense
+    md = (tmp_path / "m.md").read_text()
+    assert "cuSPARSELt 0.10.0+dequant" in md and "`cusparselt_1.0.0+dequant` as `cusparselt_0.10.0+dequant`" in md
+
+
+def test_merge_refuses_a_bad_label(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "tools/gpu_gemm_compare.py"), "--merge", str(tmp_path / "a.json"),
+                        "--out", str(tmp_path / "m"), "--label", "nothing"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--label takes OLD=NEW" in r.stderr

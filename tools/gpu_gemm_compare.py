@@ -326,19 +326,27 @@ def summarize(rows, cmd, meta) -> str:
     return "\n".join(lines)
 
 
-def merge(paths, out):
+def merge(paths, out, labels=None):
     """One cross table of several runs. Every ratio is against vLLM's CUTLASS dense (else the best
-    dense kernel) of the run the variant was measured in; a variant measured in several runs is
-    taken from the last of them (the order given)."""
+    dense kernel) of the run the variant was measured in; a run without a dense column for a cell
+    (e.g. `--only cusparselt`) is measured against the dense of the latest run before it that has
+    one (give the runs in the order they ran, in one session). A variant measured in several runs
+    is taken from the last of them. labels: {old variant name: new}, applied before anything else
+    (a run's name for a variant can be wrong, e.g. a library that misreports its version)."""
+    labels = labels or {}
     table: dict = {}   # (preset, dtype, m) -> {(pattern, variant): (ms, dense ms of that run)}
+    last_dense: dict = {}   # (preset, dtype, m) -> the latest run's dense reference ms
     cmds = []
     for p in paths:
         d = json.loads(Path(p).read_text())
         cmds.append(d["command"])
-        for key, dd in layer_sums(d["rows"]).items():
+        rows = [dict(r, variant=labels.get(r["variant"], r["variant"])) for r in d["rows"]]
+        for key, dd in layer_sums(rows).items():
             ref = dense_reference(dd)
+            if ref:
+                last_dense[key] = dd[("dense", ref)]
             for pv, ms in dd.items():
-                table.setdefault(key, {})[pv] = (ms, dd[("dense", ref)] if ref else None)
+                table.setdefault(key, {})[pv] = (ms, last_dense.get(key))
     names = sorted({v for d in table.values() for (pt, v) in d if pt != "dense"})
     cslt = [v for v in names if v.startswith("cusparselt") and not v.endswith("_gemm_only")]
     sparse_cols = cslt + [v for v in ("torchao_cutlass", "slidesparse_cutlass") if v in names]
@@ -353,7 +361,9 @@ def merge(paths, out):
              "dequant pass (it has no per-token scale in its epilogue). In brackets: speed-up over vLLM's CUTLASS",
              "dense (`vllm._custom_ops.cutlass_scaled_mm`, what stock vLLM runs) measured in the same run as the",
              "cell. torchao's kernel is FP8 only. Sparse operands: K' = gamma K (2_4: K, 2_8: 1.5 K).", "",
-             "Runs merged:", ""] + [f"- `{c}`" for c in cmds] + ["",
+             "Runs merged (in this order; a run without a dense column is measured against the dense of",
+             "the run before it):", ""] + [f"- `{c}`" for c in cmds] + (
+             [f"- relabelled: {', '.join(f'`{a}` as `{b}`' for a, b in labels.items())}"] if labels else []) + ["",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(v):
@@ -379,10 +389,15 @@ def merge(paths, out):
 
 def main():
     if "--merge" in sys.argv:
-        i = sys.argv.index("--merge")
-        o = sys.argv.index("--out")
-        paths = [a for a in sys.argv[i + 1:] if not a.startswith("--")][: (o - i - 1) if o > i else None]
-        return merge(paths, sys.argv[o + 1])
+        mp = argparse.ArgumentParser(description="merge runs into one cross table (no GPU)")
+        mp.add_argument("--merge", nargs="+", required=True, metavar="RUN.json", help="runs, in the order they ran")
+        mp.add_argument("--out", required=True, help="output path without extension (writes .json and .md)")
+        mp.add_argument("--label", action="append", default=[], metavar="OLD=NEW", help="rename a variant")
+        ma = mp.parse_args()
+        bad = [x for x in ma.label if x.count("=") != 1 or not all(x.split("="))]
+        if bad:
+            mp.error(f"--label takes OLD=NEW, got {bad[0]!r}")
+        return merge(ma.merge, ma.out, dict(x.split("=") for x in ma.label))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output path without extension (writes .json and .md)")
     ap.add_argument("--presets", default="qwen2.5-7b")
@@ -405,9 +420,9 @@ def main():
     t0 = time.time()
     try:
         from slidesparse.kernels import cslt_plan
-        cslt_ver = cslt_plan.loaded_version()
+        cslt_ver, cslt_name = cslt_plan.loaded_version(), cslt_plan.loaded_version_name()
     except Exception:  # noqa: BLE001
-        cslt_ver = None
+        cslt_ver = cslt_name = None
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 cusparselt=cslt_ver or torch.backends.cusparselt.version())
     try:
@@ -415,9 +430,8 @@ def main():
         meta["cutlass_build"] = cs.build_info() if cs.available() else cs.why_unavailable()
     except Exception as e:  # noqa: BLE001
         meta["cutlass_build"] = str(e)
-    if args.cslt_label == "cusparselt" and cslt_ver:
-        # cuSPARSELt numbers its releases major*1000 + minor*100 + patch (800 = 0.8.0)
-        args.cslt_label = f"cusparselt_{cslt_ver // 1000}.{cslt_ver % 1000 // 100}.{cslt_ver % 100}"
+    if args.cslt_label == "cusparselt" and cslt_name:
+        args.cslt_label = f"cusparselt_{cslt_name}"
     rows = run_problems(args)
     if args.cslt010:
         child = Path(args.out + "_cslt010")

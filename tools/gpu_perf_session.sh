@@ -76,7 +76,7 @@ python3 -c 'import torch, triton, vllm; print("torch", torch.__version__, "trito
     esac
   done
   wait
-) > "$RES/prepare.log" 2>&1 &
+) >> "$RES/prepare.log" 2>&1 &   # appended: a second run in the same $RES keeps the first one's log
 prep=$!
 say "preparing checkpoints in the background (prepare.log)"
 

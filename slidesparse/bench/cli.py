@@ -127,7 +127,7 @@ def _cusparselt_version():
 
 def _cusparselt_loaded():
     from ..kernels import cslt_plan
-    return cslt_plan.loaded_version()
+    return cslt_plan.loaded_version_name()
 
 
 
@@ -170,6 +170,7 @@ def e2e(
                                         "checkpoints that are not tuned (default: when a GPU is present)"),
     repeats: int = typer.Option(3, help=f"{_MATRIX}: timed run pairs per point (median kept)"),
     min_window: float = typer.Option(0.5, help=f"{_MATRIX}: prefill: seconds of steps between the two runs"),
+    min_steps: int = typer.Option(6, help=f"{_MATRIX}: prefill: at least this many steps between them"),
     max_steps: int = typer.Option(256, help=f"{_MATRIX}: prefill: at most this many steps between them"),
     decode_steps: int = typer.Option(256, help=f"{_MATRIX}: decode: steps between the two runs"),
     decode_warm_steps: int = typer.Option(8, help=f"{_MATRIX}: decode: steps of the short run"),
@@ -211,7 +212,7 @@ def e2e(
 
 def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base, delete_after, delete_base,
                 prepare_ahead, tune,
-                repeats, min_window, max_steps, decode_steps, decode_warm_steps, prefill_len, decode_prompt_len,
+                repeats, min_window, min_steps, max_steps, decode_steps, decode_warm_steps, prefill_len, decode_prompt_len,
                 engine_arg, enforce_eager, startup_timeout, point_timeout, retry_failed, crosscheck,
                 crosscheck_prefill_m, crosscheck_decode_m, report_only, dry_run):
     import json
@@ -243,7 +244,7 @@ def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base
                 eargs[k.strip()] = val
         settings = mx.Settings(prefill_len=prefill_len, decode_prompt_len=decode_prompt_len, decode_steps=decode_steps,
                                decode_warm_steps=decode_warm_steps, repeats=repeats, min_window_s=min_window,
-                               max_steps=max_steps, enforce_eager=enforce_eager, engine_args=eargs)
+                               min_steps=min_steps, max_steps=max_steps, enforce_eager=enforce_eager, engine_args=eargs)
         cc = []
         if crosscheck:
             cc = [(ph, m) for ph, m in (("prefill", crosscheck_prefill_m), ("decode", crosscheck_decode_m)) if m > 0]

@@ -144,7 +144,9 @@ class Settings:
     decode_steps: int = 256        # decode steps in the timed difference (the window)
     decode_warm_steps: int = 8     # decode steps of the short run (its context is where the window starts)
     repeats: int = 3
-    min_window_s: float = 0.5      # prefill: the timed difference covers at least this long (at least 2 steps)
+    min_window_s: float = 0.5      # prefill: the timed difference covers at least this long
+    min_steps: int = 6             # prefill: ... and at least this many steps (two, the old floor, read 3-5%
+                                   # spreads at M >= 16384 on the H200, where a step is 0.2-1 s)
     max_steps: int = 256
     enforce_eager: bool = False    # CPU checks only: GPU numbers run vLLM's torch.compile + CUDA graphs
     engine_args: dict = field(default_factory=dict)
@@ -153,9 +155,11 @@ class Settings:
         return asdict(self)
 
     def validate(self, prefill_ms: list[int]) -> None:
-        for name in ("prefill_len", "decode_prompt_len", "decode_steps", "repeats", "max_steps"):
+        for name in ("prefill_len", "decode_prompt_len", "decode_steps", "repeats", "min_steps", "max_steps"):
             if getattr(self, name) < 1:
                 raise MatrixError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.min_steps > self.max_steps:
+            raise MatrixError(f"--min-steps ({self.min_steps}) is more than --max-steps ({self.max_steps})")
         if self.decode_warm_steps < 1:
             raise MatrixError("--decode-warm-steps must be >= 1")
         for m in prefill_ms:
@@ -1060,23 +1064,30 @@ def plot(records: list[dict], path: Path) -> bool:
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
+    # one colour per pattern in every panel, so 2_8 reads the same in the FP8 and the INT8 panels
+    patterns = sorted({r["variant"].split("-")[0] for r in rows},
+                      key=lambda p: int(p.split("_")[1]) if p.split("_")[1].isdigit() else 1 << 30)
+    colour = {p: f"C{i}" for i, p in enumerate(patterns)}
     for ax, (model, phase, dt) in zip(axes.flat, panels):
         sub = [r for r in rows if (r["model"], r["phase"], parse_variant(r["variant"]).dtype) == (model, phase, dt)]
         for variant in _order(list({r["variant"] for r in sub})):
             pts = sorted((r for r in sub if r["variant"] == variant), key=lambda r: r["m"])
             good = [r for r in pts if r["speedup"] is not None]
+            engine = parse_variant(variant).engine
             ax.plot([r["m"] for r in good], [r["speedup"] for r in good], marker="o",
-                    label=variant.split("-")[0] + (f" #{parse_variant(variant).engine}" if "#" in variant else ""))
+                    color=colour[variant.split("-")[0]], ls="-" if engine == 1 else "--",
+                    label=variant.split("-")[0] + (f" #{engine}" if engine > 1 else ""))
             bad = [r for r in pts if not r["ok"]]
             if bad:
                 ax.plot([r["m"] for r in bad], [1.0] * len(bad), "x", color="red", ms=9)
         ax.axhline(1.0, color="grey", lw=0.8)
+        ax.axhline(0.98, color="grey", lw=0.8, ls=":")   # the "never slower" floor
         ax.set_xscale("log", base=2)
         ax.set_title(f"{model} {phase} {dt}", fontsize=9)
         ax.set_xlabel("M (tokens per step)" if phase == "prefill" else "M (concurrent sequences)", fontsize=8)
         ax.set_ylabel(f"speed-up vs dense {dt}", fontsize=8)
         ax.legend(fontsize=7)
-    fig.suptitle("SlideSparse end to end in vLLM (red x: failed point)", fontsize=10)
+    fig.suptitle("SlideSparse end to end in vLLM (red x: failed point; dotted: 0.98x)", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

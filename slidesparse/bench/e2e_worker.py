@@ -228,8 +228,8 @@ class Sweep:
             delta = fixed_delta
         else:
             est = max(warm / (s1 + 2), 1e-6)
-            delta = max(2, min(self.spec["max_steps"], -(-self.spec["min_window_s"] // est)))
-            delta = int(delta)
+            window = -(-self.spec["min_window_s"] // est)
+            delta = int(min(self.spec["max_steps"], max(self.spec["min_steps"], window)))
         per_step, t1s, t2s = [], [], []
         for _ in range(self.spec["repeats"]):
             t1 = run(s1, checks)

@@ -29,7 +29,7 @@ import threading
 
 import torch
 
-__all__ = ["available", "sparse_mm", "PlanError", "loaded_version"]
+__all__ = ["available", "sparse_mm", "PlanError", "loaded_version", "loaded_version_name"]
 
 _CUDA_R_16F, _CUDA_R_16BF, _CUDA_R_32F, _CUDA_R_8I, _CUDA_R_32I, _CUDA_R_8F_E4M3 = 2, 14, 0, 3, 10, 28
 _ORDER_COL, _ORDER_ROW = 1, 2
@@ -97,6 +97,7 @@ class _Lib:
         # informational only (reports): a failure here must not take the plan cache down
         status = lib.cusparseLtGetVersion(self.handle.ptr, ctypes.byref(version))
         self.version = version.value if status == 0 else None
+        self.version_parts = _version_parts(lib)
 
     def check(self, status: int, what: str) -> None:
         if status != 0:
@@ -159,8 +160,43 @@ def available() -> bool:
 
 def loaded_version() -> int | None:
     """The version of the libcusparseLt this process runs (e.g. 800), which is not always the one
-    torch was built against (torch.backends.cusparselt.version()): LD_PRELOAD can put another in."""
+    torch was built against (torch.backends.cusparselt.version()): LD_PRELOAD can put another in.
+    The packed number is ambiguous (0.10.0 and 1.0.0 both read 1000): name it with loaded_version_name."""
     return _lib().version if available() else None
+
+
+def loaded_version_name() -> str | None:
+    """"0.10.0": the loaded library's version from its major, minor and patch properties."""
+    if not available():
+        return None
+    lib = _lib()
+    return version_name(lib.version_parts, lib.version)
+
+
+def version_name(parts: tuple[int, int, int] | None, packed: int | None) -> str | None:
+    """"major.minor.patch" from cusparseLtGetProperty's parts; without them from the packed
+    cusparseLtGetVersion number (major*1000 + minor*100 + patch), marked "?" where that reading is
+    ambiguous (a minor of 10 or more spills into the thousands: 0.10.0 reads as 1.0.0)."""
+    if parts is not None:
+        return ".".join(map(str, parts))
+    if packed is None:
+        return None
+    name = f"{packed // 1000}.{packed % 1000 // 100}.{packed % 100}"
+    return name if packed < 1000 else name + "?"
+
+
+def _version_parts(lib: ctypes.CDLL) -> tuple[int, int, int] | None:
+    fn = getattr(lib, "cusparseLtGetProperty", None)
+    if fn is None:
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.POINTER(ctypes.c_int)], ctypes.c_int
+    parts = []
+    for prop in (0, 1, 2):   # libraryPropertyType: MAJOR_VERSION, MINOR_VERSION, PATCH_LEVEL
+        v = ctypes.c_int(-1)
+        if fn(prop, ctypes.byref(v)) != 0:
+            return None
+        parts.append(v.value)
+    return tuple(parts)
 
 
 def sparse_mm(w_compressed: torch.Tensor, n: int, xq: torch.Tensor, out_dtype: torch.dtype | None,

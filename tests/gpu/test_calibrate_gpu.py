@@ -4,7 +4,10 @@ The CUDA calibration runs its forwards' float32 matmuls in TF32 (convert/calibra
 Hessians differ from the CPU's in about the third significant digit: masks may flip where two
 candidates are nearly tied, and the error-compensated values move by about that much. The
 checks say so: every layer a valid Z_L slide, masks agreeing on nearly every group, and the
-dequantized weights within 10% of the CPU run's."""
+dequantized weights within 10% of the CPU run's for wanda, 25% for sparsegpt (whose update
+carries each column's error into the columns after it, so one flipped mask moves the rest of
+its row: measured 0.103 on one down_proj on the H200, 2026-12-02). A broken CUDA path gives
+unrelated masks (agreement about 1/28) and a relative difference of about 1."""
 
 from __future__ import annotations
 
@@ -45,6 +48,5 @@ def test_cuda_calibration_matches_the_cpu_one(tmp_path, method):
         agree += int((z_cpu == z_gpu).all(-1).sum())
         w_cpu, w_gpu = dequantize(q_cpu, s_cpu).float(), dequantize(q_gpu, s_gpu).float()
         rel = float((w_gpu - w_cpu).norm() / w_cpu.norm())
-        # a broken CUDA path gives unrelated masks (agreement about 1/28) and rel about 1
-        assert rel < 0.1, (m, rel)
+        assert rel < (0.1 if method == "wanda" else 0.25), (m, rel)
     assert agree / groups > (0.97 if method == "wanda" else 0.9), agree / groups
