@@ -93,10 +93,13 @@ def test_wanda_key_is_weight_times_input_norm():
 @pytest.mark.parametrize("L", (4, 6, 8, 10))
 def test_output_error_orders_sparsegpt_wanda_magnitude(L):
     """On a layer with correlated inputs of uneven scales, ||X W^T - X W'^T|| orders
-    SparseGPT < Wanda < magnitude, each by a clear margin."""
+    SparseGPT < Wanda < magnitude, each by a clear margin. The layer is large enough that the
+    ratios concentrate: at 64 x 12L, SparseGPT/Wanda went over 0.9 on about one seed in a few
+    hundred (one CI run failed so); at 128 x 48L it stayed under 0.78 over 150 seeds per pattern
+    (median 0.60-0.67), Wanda/magnitude under 0.58."""
     g = gen()
     pat = parse_pattern(f"2_{L}")
-    n, k = 64, 12 * L
+    n, k = 128, 48 * L
     x = correlated_inputs(2048, k, g)
     w = torch.randn(n, k, generator=g, dtype=torch.float64)
     ref = x @ w.T
