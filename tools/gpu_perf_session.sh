@@ -28,7 +28,7 @@
 # in an engine of its own, e.g. ...,fp8#2,2_8-fp8#2 for engine-to-engine variance), PREFILL_M
 # (16384), DECODE_M (256), TUNE_M (64,256,2048,16384), MODELS (/root/models), RES (/root/res),
 # BENCH_M (256,16384), BENCH_FORMS (eager,traced,in_op), BENCH_ROUNDS (2), TEST_TIMEOUT (600 s),
-# BENCH_TIMEOUT (420 s), TESTS (pytest paths, tests/gpu), GEMM_PRESETS (qwen2.5-7b,llama3.2-1b), GEMM_M
+# BENCH_TIMEOUT (420 s), PROFILE_M (tokens per profiled prefill step, 16384), PROFILE_DECODE_M (256), TESTS (pytest paths, tests/gpu), GEMM_PRESETS (qwen2.5-7b,llama3.2-1b), GEMM_M
 # (64,256,1024,4096,16384), GEMM_LIB_WAIT (0 s), CSLT010 (/root/c/libcusparseLt.so.0), GEMM010_WAIT (0 s);
 # SLIDESPARSE_COMMIT names the commit of a copy without git; SLIDESPARSE_CUTLASS_LIB points at the CUTLASS library if it is not in build/csrc/.
 set -uo pipefail
@@ -198,8 +198,8 @@ if [[ " $STAGES " == *" profile "* ]]; then
   for v in ${PROFILE_VARIANTS//,/ }; do   # a variant name, or NAME=CHECKPOINT
     case $v in *=*) spec=$v; v=${v%%=*};; *) spec="$v=$(ckpt "$v")";; esac
     say "profile $spec"
-    timeout ${PROFILE_TIMEOUT:-300} python3 tools/gpu_profile_vllm.py --out "$RES/profile" --decode-seqs "${DECODE_M:-256}" \
-      "$spec" > "$RES/profile_$v.log" 2>&1
+    timeout ${PROFILE_TIMEOUT:-300} python3 tools/gpu_profile_vllm.py --out "$RES/profile" --decode-seqs "${PROFILE_DECODE_M:-256}" \
+      --batched "${PROFILE_M:-16384}" "$spec" > "$RES/profile_$v.log" 2>&1
     say "profile $v: exit $?"
   done
 fi
