@@ -150,7 +150,25 @@ def test_cli_happy_path_and_verify_exit_code(model, tmp_path):
     assert len(rep["layers"]) == 14 and all(x["pattern"] == "2_8" and x["dtype"] == "fp8_e4m3" for x in rep["layers"])
     assert all(x["bytes"] < x["dense_bytes"] for x in rep["layers"])
     code, out = run("inspect", dst)
-    assert code == 0 and "layers.0.self_attn.q_proj" in out
+    assert code == 0 and "layers.0.self_attn.q_proj" in out and "not tuned" in out
+    assert rep["tuning"] is None
+    # a tuning table (as `slidesparse tune` writes it on a GPU): inspect says what it serves
+    from slidesparse.core.layout import vllm_layer_shapes
+    from slidesparse.core.pattern import parse_pattern
+    from slidesparse.core.tuning import TuningEntry, TuningTable
+    shapes = set(vllm_layer_shapes({x["name"]: tuple(x["shape"]) for x in rep["layers"]},
+                                   json.loads((dst / "config.json").read_text())).values())
+    lift = parse_pattern("2_8").lifted_k
+    entries = [TuningEntry(n=n, k_lifted=lift(k), dtype="fp8_e4m3", m_max=m, backend="dense", us=10.0 * m, us_dense=10.0 * m)
+               for n, k in shapes for m in (64, 16384)]
+    TuningTable(device="NVIDIA H200", library="test", entries=tuple(entries)).save(dst / "slidesparse_tuning.json")
+    code, out = run("inspect", dst, "--json")
+    tun = json.loads(out)["tuning"]
+    assert code == 0 and tun["device"] == "NVIDIA H200" and [r["m_max"] for r in tun["plan"]] == [64, 16384]
+    # 14 projections: per decoder layer qkv, o, gate_up, down (q/k/v and gate/up fused as vLLM builds them)
+    assert all(sum(r["layers"].values()) == 8 and r["layers"]["dense"] == 8 for r in tun["plan"])
+    code, out = run("inspect", dst)
+    assert code == 0 and "tuned on NVIDIA H200" in out and "serves like the dense model" in out
     code, out = run("verify", dst, "--source", model)
     assert code == 0 and "14 layers verified against the source" in out
     other = tmp_path / "other"

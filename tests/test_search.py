@@ -129,3 +129,27 @@ def test_tune_cli_objective(tmp_path):
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("error: --objective must be one of"), r.output
     r = CliRunner().invoke(app, ["tune", str(tmp_path), "--objective", "prefill", "--m", "16,64"])
     assert r.exit_code == 2 and "needs an M bucket > 256" in r.output, r.output
+
+
+def test_the_plan_summary_the_tuner_prints_counts_the_checkpoints_layers(tmp_path):
+    # `slidesparse tune` prints it after writing a table; the table here stands in for a GPU's
+    from slidesparse.convert.make_model import make_model
+    from slidesparse.convert.pipeline import convert
+    from slidesparse.core.tuning import TuningEntry, TuningTable, plan_lines
+    from slidesparse.tune.search import checkpoint_shapes, plan_summary
+
+    make_model("tiny-qwen2", tmp_path / "src", seed=3)
+    convert(tmp_path / "src", tmp_path / "ck", sparsity="2_8", dtype="int8")
+    cfg, shapes = checkpoint_shapes(tmp_path / "ck")
+    sparse_shape = shapes[0][:2]
+    entries = [TuningEntry(n=n, k_lifted=cfg.pattern.lifted_k(k), dtype="int8", m_max=m,
+                           backend="sparse" if (n, k) == sparse_shape else "dense", us=2.0 * m, us_dense=3.0 * m)
+               for n, k, _ in shapes for m in (64, 4096)]
+    rows = plan_summary(tmp_path / "ck", TuningTable(entries=tuple(entries)))
+    layers = json.loads((tmp_path / "src" / "config.json").read_text())["num_hidden_layers"]
+    # every decoder layer has one layer of each of the four shapes (qkv, o, gate_up, down)
+    assert len(shapes) == 4 and [r["m_max"] for r in rows] == [64, 4096]
+    for r in rows:
+        assert r["layers"] == {"sparse": layers, "cutlass": 0, "dense": 3 * layers}
+        assert r["speedup"] == pytest.approx(1.5)
+    assert "1.500x" in plan_lines(rows)[0]

@@ -8,8 +8,10 @@ import sys
 import torch
 
 from ..core.checkpoint import Checkpoint, checkpoint_kind, converted_modules
-from ..core.format import SUFFIX_META, SUFFIX_SCALE, SUFFIX_SHAPE, SUFFIX_VALUES
+from ..core.format import SUFFIX_META, SUFFIX_SCALE, SUFFIX_SHAPE, SUFFIX_VALUES, TUNING_FILE
+from ..core.layout import vllm_layer_shapes
 from ..core.quant import dtype_name
+from ..core.tuning import TuningTable, count_layers, plan_lines
 
 
 def inspect_checkpoint(path) -> dict:
@@ -45,7 +47,22 @@ def inspect_checkpoint(path) -> dict:
     return {"path": str(path), "kind": kind, "config": ckpt.config.get("quantization_config"), "layers": layers,
             "totals": {"layers": len(layers), "converted_bytes": conv, "dense_bytes": dense,
                        "ratio": round(conv / dense, 4) if dense else math.nan, "other_bytes": other,
-                       "total_bytes": conv + other}}
+                       "total_bytes": conv + other},
+            "tuning": _tuning(ckpt, cfg, layers) if kind == "slidesparse" else None}
+
+
+def _tuning(ckpt: Checkpoint, cfg, layers: list[dict]) -> dict | None:
+    """The checkpoint's tuning table, if it has one with entries (the converter writes an empty
+    one): where it was measured and what it serves."""
+    f = ckpt.path / TUNING_FILE
+    table = TuningTable.load(f) if f.is_file() else None
+    if table is None or not table.entries:
+        return None
+    shapes = vllm_layer_shapes({x["name"]: tuple(x["shape"]) for x in layers}, ckpt.config,
+                               table.tensor_parallel_size)
+    return {"device": table.device, "library": table.library, "policy": table.policy,
+            "tensor_parallel_size": table.tensor_parallel_size,
+            "plan": table.plan_summary(count_layers(shapes, cfg.pattern.lifted_k, cfg.weight_dtype))}
 
 
 def render(report: dict) -> None:
@@ -70,3 +87,13 @@ def render(report: dict) -> None:
     c.print(t)
     c.print(f"other tensors (embeddings, norms, lm_head, ignored layers): {tot['other_bytes']:,} bytes; "
             f"total {tot['total_bytes']:,} bytes")
+    tun = report.get("tuning")
+    if report["kind"] == "slidesparse":
+        if tun is None:
+            c.print("not tuned: every layer runs cuSPARSELt's default algorithm (run `slidesparse tune` on the "
+                    "serving GPU)", markup=False)
+        else:
+            c.print(f"tuned on {tun['device']} (tensor parallel {tun['tensor_parallel_size']}; {tun['library']}):",
+                    markup=False)
+            for line in plan_lines(tun["plan"]):
+                c.print(line, markup=False)

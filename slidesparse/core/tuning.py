@@ -146,6 +146,35 @@ class TuningTable:
         except TuningError as e:
             raise TuningError(f"{where}: {e}") from None
 
+    def plan_summary(self, layer_counts: dict[tuple[int, int, str], int] | None = None) -> list[dict]:
+        """What the table serves, per M bucket bound: how many layers run on each backend, and the
+        time the tuner measured for the chosen plan against the dense one, summed over the layers.
+
+        layer_counts: {(N, K', dtype): layers of that shape in the model} (count_layers); without
+        it every shape counts once. A bucket bound takes, per shape, the entry the runtime would
+        (the smallest m_max >= the bound). Where a counted shape has no measurement the bucket's
+        times are None rather than a partial sum."""
+        rows = []
+        for bound in sorted({e.m_max for e in self.entries}):
+            layers = {b: 0 for b in BACKENDS}
+            us = dense = 0.0
+            timed = True
+            for key, entries in self._by_shape.items():
+                count = 1 if layer_counts is None else layer_counts.get(key, 0)
+                if not count:
+                    continue
+                e = next((x for x in entries if x.m_max >= bound), entries[-1])
+                layers[e.backend] += count
+                if e.us is None or e.us_dense is None:
+                    timed = False
+                else:
+                    us += count * e.us
+                    dense += count * e.us_dense
+            rows.append({"m_max": bound, "layers": layers, "us": us if timed else None,
+                         "us_dense": dense if timed else None,
+                         "speedup": dense / us if timed and us > 0 else None})
+        return rows
+
     def to_dict(self) -> dict:
         return {"format_version": self.version, "device": self.device, "library": self.library, "policy": self.policy,
                 "tensor_parallel_size": self.tensor_parallel_size, "entries": [e.to_dict() for e in self.entries]}
@@ -161,3 +190,28 @@ class TuningTable:
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+def count_layers(shapes: dict[str, tuple[int, int]], lifted_k, dtype: str) -> dict[tuple[int, int, str], int]:
+    """{(N, K', dtype): count} of a model's vLLM layers ({name: (N, K)}, core.layout.vllm_layer_shapes),
+    K' = lifted_k(K): the keys of a tuning table for that model."""
+    counts: dict[tuple[int, int, str], int] = {}
+    for n, k in shapes.values():
+        key = (n, lifted_k(k), dtype)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def plan_lines(summary: list[dict]) -> list[str]:
+    """The plan summary as text: one line per M bucket, then what it means for a user."""
+    names = {"dense": "dense", "sparse": "cuSPARSELt", "cutlass": "SlideSparse CUTLASS"}
+    lines = []
+    for r in summary:
+        kinds = ", ".join(f"{names[b]} {c}" for b, c in r["layers"].items() if c)
+        t = ("not measured" if r["speedup"] is None else
+             f"{r['speedup']:.3f}x ({r['us'] / 1000:.3f} against {r['us_dense'] / 1000:.3f} ms dense)")
+        lines.append(f"  M <= {r['m_max']}: {kinds}; the linear layers' speed-up over dense, as tuned: {t}")
+    if summary and all(r["layers"]["dense"] == sum(r["layers"].values()) for r in summary):
+        lines.append("  every layer runs the dense kernel at every M on this GPU: the checkpoint serves like the "
+                     "dense model, with no speed-up")
+    return lines

@@ -61,8 +61,13 @@ def tune(ckpts: List[Path] = typer.Argument(..., help="SlideSparse checkpoint fo
     except TuneError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
-    for p in out:
+    from ..core.tuning import TuningTable, plan_lines
+    from .search import plan_summary
+    for ckpt, p in zip(ckpts, out):
         typer.echo(f"wrote {p}")
+        # what the table will serve, so a plan that gains nothing is seen now, not after a benchmark
+        for line in plan_lines(plan_summary(ckpt, TuningTable.load(p))):
+            typer.echo(line)
 
 
 if __name__ == "__main__":
