@@ -153,3 +153,40 @@ def test_the_plan_summary_the_tuner_prints_counts_the_checkpoints_layers(tmp_pat
         assert r["layers"] == {"sparse": layers, "cutlass": 0, "dense": 3 * layers}
         assert r["speedup"] == pytest.approx(1.5)
     assert "1.500x" in plan_lines(rows)[0]
+
+
+def test_the_tune_command_prints_the_plan_of_each_table_it_wrote(tmp_path, monkeypatch):
+    # the measurement needs a GPU; what the command does with its tables does not
+    from typer.testing import CliRunner
+
+    from slidesparse.cli import app
+    from slidesparse.convert.make_model import make_model
+    from slidesparse.convert.pipeline import convert
+    from slidesparse.core.tuning import TuningEntry, TuningTable
+    from slidesparse.tune import search
+
+    make_model("tiny-llama", tmp_path / "src", seed=4)
+    cks = []
+    for pat in ("2_4", "2_8"):
+        convert(tmp_path / "src", tmp_path / pat, sparsity=pat, dtype="fp8")
+        cks.append(tmp_path / pat)
+
+    def fake_tune(ckpts, buckets, progress=None, **kw):
+        out = []
+        for ck in ckpts:
+            cfg, shapes = search.checkpoint_shapes(ck)
+            dense = ck.name == "2_8"   # as on the H200: 2_8 dense everywhere, 2_4 sparse
+            t = TuningTable(device="NVIDIA H200", entries=tuple(
+                TuningEntry(n=n, k_lifted=cfg.pattern.lifted_k(k), dtype="fp8_e4m3", m_max=m,
+                            backend="dense" if dense else "sparse", us=3.0 * m if dense else 2.0 * m, us_dense=3.0 * m)
+                for n, k, _ in shapes for m in buckets))
+            t.save(ck / "slidesparse_tuning.json")
+            out.append(ck / "slidesparse_tuning.json")
+        return out
+    monkeypatch.setattr(search, "tune_checkpoints", fake_tune)
+    r = CliRunner().invoke(app, ["tune", *map(str, cks), "--m", "64,4096"])
+    assert r.exit_code == 0, r.output
+    text = r.output.split("wrote ")
+    assert len(text) == 3 and text[1].startswith(str(cks[0])) and text[2].startswith(str(cks[1]))
+    assert "as tuned: 1.500x" in text[1] and "no speed-up" not in text[1]
+    assert "as tuned: 1.000x" in text[2] and "serves like the dense model, with no speed-up" in text[2]
