@@ -136,7 +136,8 @@ def test_the_plan_summary_the_tuner_prints_counts_the_checkpoints_layers(tmp_pat
     from slidesparse.convert.make_model import make_model
     from slidesparse.convert.pipeline import convert
     from slidesparse.core.tuning import TuningEntry, TuningTable, plan_lines
-    from slidesparse.tune.search import checkpoint_shapes, plan_summary
+    from slidesparse.convert.inspect import inspect_checkpoint
+    from slidesparse.tune.search import checkpoint_shapes
 
     make_model("tiny-qwen2", tmp_path / "src", seed=3)
     convert(tmp_path / "src", tmp_path / "ck", sparsity="2_8", dtype="int8")
@@ -145,7 +146,8 @@ def test_the_plan_summary_the_tuner_prints_counts_the_checkpoints_layers(tmp_pat
     entries = [TuningEntry(n=n, k_lifted=cfg.pattern.lifted_k(k), dtype="int8", m_max=m,
                            backend="sparse" if (n, k) == sparse_shape else "dense", us=2.0 * m, us_dense=3.0 * m)
                for n, k, _ in shapes for m in (64, 4096)]
-    rows = plan_summary(tmp_path / "ck", TuningTable(entries=tuple(entries)))
+    TuningTable(entries=tuple(entries)).save(tmp_path / "ck" / "slidesparse_tuning.json")
+    rows = inspect_checkpoint(tmp_path / "ck")["tuning"]["plan"]
     layers = json.loads((tmp_path / "src" / "config.json").read_text())["num_hidden_layers"]
     # every decoder layer has one layer of each of the four shapes (qkv, o, gate_up, down)
     assert len(shapes) == 4 and [r["m_max"] for r in rows] == [64, 4096]

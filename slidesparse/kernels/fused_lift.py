@@ -65,12 +65,9 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> to
 
 def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM's fused_add_rms_norm IR op (native form): (rms_norm(x + r), x + r)."""
+    """vLLM's fused_add_rms_norm IR op (native form): (rms_norm(x + r), x + r), the sum in fp32."""
     h = x.float() + residual.float()
-    y = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y.to(weight.dtype) * weight
-    return y.to(x.dtype), h.to(x.dtype)
+    return rms_norm_ref(h, weight, eps).to(x.dtype), h.to(x.dtype)
 
 
 def silu_mul_ref(t: torch.Tensor) -> torch.Tensor:

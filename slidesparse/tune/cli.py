@@ -61,12 +61,13 @@ def tune(ckpts: List[Path] = typer.Argument(..., help="SlideSparse checkpoint fo
     except TuneError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
-    from ..core.tuning import TuningTable, plan_lines
-    from .search import plan_summary
+    from ..convert.inspect import inspect_checkpoint
+    from ..core.tuning import plan_lines
     for ckpt, p in zip(ckpts, out):
         typer.echo(f"wrote {p}")
-        # what the table will serve, so a plan that gains nothing is seen now, not after a benchmark
-        for line in plan_lines(plan_summary(ckpt, TuningTable.load(p))):
+        # what the table will serve (as `slidesparse inspect` says it), so a plan that gains
+        # nothing is seen now, not after a benchmark
+        for line in plan_lines(inspect_checkpoint(ckpt)["tuning"]["plan"]):
             typer.echo(line)
 
 

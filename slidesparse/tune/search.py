@@ -22,7 +22,7 @@ from ..core.errors import SlideSparseError
 from ..core.format import SUFFIX_SHAPE, TUNING_FILE, SlideSparseConfig
 from ..core.layout import vllm_layer_shapes
 from ..core.quant import DTYPES
-from ..core.tuning import TuningEntry, TuningTable, count_layers
+from ..core.tuning import TuningEntry, TuningTable
 
 M_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
 
@@ -58,36 +58,22 @@ def checkpoint_shapes(ckpt: Path, tp: int = 1) -> tuple[SlideSparseConfig, list[
     tuner times the layer behind. The table is keyed by shape: where layers of one shape have
     different producers (not in the presets), the RMSNorm one is measured."""
     from ..bench.harness import producer_of
-    cfg, hf_config, layers = vllm_layers(ckpt, tp)
-    by_shape: dict[tuple[int, int], set[str]] = {}
-    for name, shape in layers.items():
-        by_shape.setdefault(shape, set()).add(producer_of(name, hf_config))
-    return cfg, sorted((n, k, "rms_norm" if len(p) > 1 else p.pop()) for (n, k), p in by_shape.items())
-
-
-def vllm_layers(ckpt: Path, tp: int = 1) -> tuple[SlideSparseConfig, dict, dict[str, tuple[int, int]]]:
-    """(config, the model's config.json, {vLLM layer name: (N, K) on one of `tp` ranks}) of a
-    SlideSparse checkpoint."""
     try:
         c = Checkpoint(ckpt)  # validates config.json and every safetensors header
         kind, cfg = checkpoint_kind(c)
         projections = {name[:-len("." + SUFFIX_SHAPE)]: tuple(int(v) for v in c.get(name).tolist())
                        for name in c.tensors if name.endswith("." + SUFFIX_SHAPE)}
-        layers = vllm_layer_shapes(projections, c.config, tp) if projections else {}
+        by_shape: dict[tuple[int, int], set[str]] = {}
+        for name, shape in (vllm_layer_shapes(projections, c.config, tp) if projections else {}).items():
+            by_shape.setdefault(shape, set()).add(producer_of(name, c.config))
+        shapes = sorted((n, k, "rms_norm" if len(p) > 1 else p.pop()) for (n, k), p in by_shape.items())
     except SlideSparseError as e:
         raise TuneError(str(e)) from None
     if kind != "slidesparse":
         raise TuneError(f"{ckpt} is a dense {kind} checkpoint: nothing to tune")
     if not projections:
         raise TuneError(f"{ckpt}: no converted layers ({SUFFIX_SHAPE} tensors) found")
-    return cfg, c.config, layers
-
-
-def plan_summary(ckpt: Path, table: TuningTable) -> list[dict]:
-    """TuningTable.plan_summary weighted by the checkpoint's own layers (on one rank of the
-    table's tensor-parallel size)."""
-    cfg, _, layers = vllm_layers(ckpt, table.tensor_parallel_size)
-    return table.plan_summary(count_layers(layers, cfg.pattern.lifted_k, cfg.weight_dtype))
+    return cfg, shapes
 
 
 # A plan that mixes kinds keeps two copies of the layer's weight on the GPU (the dense one and a
