@@ -35,12 +35,23 @@ def english_like(n_words: int, rng: random.Random) -> str:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    seed = random.SystemRandom().randrange(2**31)
-    make_model("tiny-llama", root / "dense", seed=seed)
-    convert(root / "dense", root / "pruned", sparsity="2_4", dtype="int8")
-    text = root / "eval.txt"
-    text.write_text(english_like(700, random.Random(seed)), encoding="utf-8")
+    """A random tiny model, its 2_4 INT8 checkpoint and a text. The perplexity checks below match
+    eval's numbers to 1e-3, which only tells the pruned model from the dense one if their
+    perplexities differ by more: on a random model they usually differ by 10-20%, but about one
+    seed in a few hundred lands them within 0.1% (one CI run), so such a seed is drawn again."""
+    for _ in range(5):
+        root = tmp_path_factory.mktemp("eval")
+        seed = random.SystemRandom().randrange(2**31)
+        make_model("tiny-llama", root / "dense", seed=seed)
+        convert(root / "dense", root / "pruned", sparsity="2_4", dtype="int8")
+        text = root / "eval.txt"
+        text.write_text(english_like(700, random.Random(seed)), encoding="utf-8")
+        from transformers import AutoModelForCausalLM
+        ws = windows(load_tokenizer(root / "dense")(text.read_text()), WINDOW)
+        dense = AutoModelForCausalLM.from_pretrained(str(root / "dense"), dtype=torch.float32).eval()
+        pruned = TorchReference(str(root / "pruned")).model
+        if abs(ppl(torch_window_scores(pruned, ws)) / ppl(torch_window_scores(dense, ws)) - 1) > 2e-2:
+            break
     return root, text
 
 
