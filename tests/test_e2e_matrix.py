@@ -311,17 +311,28 @@ def test_cli_errors_without_models_or_in_the_default_mode():
 FAKE_WORKER = textwrap.dedent("""
     # speaks e2e_worker's protocol; behaviour from spec["engine_args"]["fake"]
     import json, os, sys, time
-    spec = json.load(open(sys.argv[1]))
     msg = os.fdopen(int(sys.argv[3]), "w", buffering=1)
     send = lambda **kw: (msg.write(json.dumps(kw) + "\\n"), msg.flush())
+    standby = sys.argv[1] == "-"
+    started = os.environ.get("FAKE_STARTED")
+    if started:
+        with open(started, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+    if standby:
+        send(event="standby", import_s=0.2)
+        path = sys.stdin.readline().strip()
+        if not path:
+            sys.exit(0)
+    spec = json.load(open(path if standby else sys.argv[1]))
     fake = spec["engine_args"]["fake"]
     with open(fake["calls"], "a") as f:
-        f.write(json.dumps({"pid": os.getpid(), "points": [[p["phase"], p["m"]] for p in spec["points"]]}) + "\\n")
+        f.write(json.dumps({"pid": os.getpid(), "standby": standby, "model": spec["model"],
+                            "points": [[p["phase"], p["m"]] for p in spec["points"]]}) + "\\n")
     if fake.get("startup_fail"):
         print(fake["startup_fail"], file=sys.stderr, flush=True)
         sys.exit(1)
     print("(Worker) INFO Model loading took %s GiB memory and 0.5 seconds" % fake["gib"], flush=True)
-    send(event="ready", startup_s=0.1, vllm="fake")
+    send(event="ready", startup_s=0.1, import_s=0.2, standby=standby, vllm="fake")
     for p in spec["points"]:
         send(event="start", phase=p["phase"], m=p["m"])
         key = [p["phase"], p["m"]]
@@ -457,6 +468,59 @@ def test_missing_checkpoints_are_converted_and_deleted_after_use(tmp_path, monke
     assert "--prepare-ahead" in md and "| m1 | int8 | decode M=64 |" in md   # the engine-repeat table
 
 
+def test_the_next_variants_worker_waits_in_standby_and_is_ended_when_not_needed(tmp_path, monkeypatch):
+    """Each variant after the first runs in the worker started (in standby) beside the previous
+    engine; a standby worker whose variant cannot be prepared, or one left when the sweep is
+    interrupted, is ended; the report shows the import apart from the start-up."""
+    plan, _, fake = _fake_setup(tmp_path, monkeypatch)
+    started = tmp_path / "started.txt"
+    monkeypatch.setenv("FAKE_STARTED", str(started))
+    ck_path = tmp_path / "ckpt"
+    # int8 has no checkpoint and no base to make it from: its preparation fails
+    plan.variants = mx.parse_variants("bf16,fp8,int8,2_8-fp8")
+    ck = mx.Checkpoints(tmp_path / "models", given={("m1", n): str(ck_path) for n in ("bf16", "fp8", "2_8-fp8")},
+                        bases={}, tune=False)
+    monkeypatch.setattr(mx.Checkpoints, "base", lambda self, model: tmp_path / "no-base")
+    made = []
+    monkeypatch.setattr(mx, "standby_worker", lambda *a, _f=mx.standby_worker: made.append(_f(*a)) or made[-1])
+    out = tmp_path / "out"
+    mx.run_matrix(plan, out, ck, mx.Timeouts(60, 60), log=lambda s: None)
+    recs = mx.read_results(out / mx.RESULTS)[0]
+    pts = mx.latest(recs, "point")
+    assert all(pts[("m1", v, "decode", 64)]["ok"] for v in ("bf16", "fp8", "2_8-fp8"))
+    assert pts[("m1", "int8", "decode", 64)]["error_kind"] == "prepare"
+    calls = _calls(fake)
+    assert [c["standby"] for c in calls] == [False, True, True]     # bf16 fresh; fp8 and 2_8-fp8 from standby
+    engines = [r for r in recs if r.get("kind") == "engine"]
+    assert [e["standby"] for e in engines] == [False, True, True] and all(e["import_s"] == 0.2 for e in engines)
+    # standby workers for fp8, int8 (never used) and 2_8-fp8, all ended, with their process groups
+    assert [w.log_path.name for w in made] == [f"engine_m1__{v}__0.log" for v in ("fp8", "int8", "2_8-fp8")]
+    assert all(w.stopped and w.proc.poll() is not None and _gone(w.proc.pid) for w in made)
+    pids = [int(x) for x in started.read_text().split()]
+    assert all(_gone(pid) for pid in pids)
+    md = (out / "e2e_matrix.md").read_text()
+    assert "| m1 | fp8 | 0.2 (standby) | 0.1 |" in md and "| m1 | bf16 | 0.2 | 0.1 |" in md
+    assert "m1: 3 engine(s)" in md
+    # without standby every engine starts fresh
+    out2 = tmp_path / "out2"
+    mx.run_matrix(plan, out2, ck, mx.Timeouts(60, 60), log=lambda s: None, standby=False)
+    assert [c["standby"] for c in _calls(fake)[3:]] == [False, False, False]
+
+
+def test_engine_time_sums_start_up_points_and_cross_checks():
+    recs = [{"kind": "engine", "ok": True, "model": "a", "variant": "fp8", "startup_s": 60.0},
+            {"kind": "point", "ok": True, "model": "a", "variant": "fp8", "point_s": 5.0},
+            {"kind": "point", "ok": False, "model": "a", "variant": "fp8"},
+            {"kind": "engine", "ok": True, "model": "a", "variant": "fp8", "startup_s": 30.0},   # a restart
+            {"kind": "point", "ok": True, "model": "a", "variant": "fp8", "point_s": 7.5},
+            {"kind": "crosscheck", "ok": True, "model": "a", "variant": "fp8", "wall_s": 100.0},
+            {"kind": "engine", "ok": False, "model": "a", "variant": "int8"}]
+    t = mx.engine_time(recs)
+    assert t == {("a", "fp8"): {"startup_s": 90.0, "points_s": 12.5, "crosscheck_s": 100.0, "engines": 2}}
+    lines = mx.engine_lines(recs, mx._engines(recs))
+    assert "a: 2 engine(s), 1.7 min of engine time (1.5 start-up, 0.2 points), 1.7 min of cross-checks" in "\n".join(lines)
+
+
 _DRIVER = textwrap.dedent("""
     import json, sys
     from pathlib import Path
@@ -535,10 +599,11 @@ def _env(**extra):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_matrix_sweep_in_vllm_cpu_checks_tokens_per_step(tmp_path):
-    """One engine, three points, every step's tokens checked against vLLM's metrics; the
-    `vllm bench throughput` cross-check at one decode point; then a re-run that skips them all."""
+    """Two engines (the second started in standby), three points each, every step's tokens checked
+    against vLLM's metrics; the `vllm bench throughput` cross-check at one decode point; then a
+    re-run that skips them all."""
     out, models = tmp_path / "out", tmp_path / "models"
-    args = [PY, "-m", "slidesparse.cli", "bench", "e2e", "--matrix", "--models", "tiny-llama", "--variants", "2_8-int8",
+    args = [PY, "-m", "slidesparse.cli", "bench", "e2e", "--matrix", "--models", "tiny-llama", "--variants", "bf16,2_8-int8",
             "--prefill-m", "128,256", "--decode-m", "4", "--prefill-len", "128", "--decode-steps", "8",
             "--decode-warm-steps", "2", "--repeats", "2", "--min-window", "0.1", "--max-steps", "16",
             "--enforce-eager", "--engine-arg", "dtype=float32", "--ckpt-dir", str(models), "--out", str(out),
@@ -548,7 +613,11 @@ def test_matrix_sweep_in_vllm_cpu_checks_tokens_per_step(tmp_path):
     recs, bad = mx.read_results(out / mx.RESULTS)
     assert bad == 0
     pts = mx.latest(recs, "point")
-    assert set(pts) == {("tiny-llama", "2_8-int8", ph, m) for ph, m in (("prefill", 128), ("prefill", 256), ("decode", 4))}
+    assert set(pts) == {("tiny-llama", v, ph, m) for v in ("bf16", "2_8-int8")
+                        for ph, m in (("prefill", 128), ("prefill", 256), ("decode", 4))}
+    engines = [r for r in recs if r["kind"] == "engine"]
+    assert [(e["variant"], e["standby"]) for e in engines] == [("bf16", False), ("2_8-int8", True)]
+    assert all(e["ok"] and e["import_s"] > 0 and e["startup_s"] > 0 for e in engines)
     for (_, _, phase, m), r in pts.items():
         assert r["ok"], r
         s1, s2, reps = r["steps_short"], r["steps_long"], 2
@@ -562,7 +631,7 @@ def test_matrix_sweep_in_vllm_cpu_checks_tokens_per_step(tmp_path):
         assert r["tok_s"] == pytest.approx(m / r["step_s"])
         assert min(r["step_s_all"]) > 0 and len(r["step_s_all"]) == reps
     cc = [r for r in recs if r["kind"] == "crosscheck"]
-    assert len(cc) == 1 and cc[0]["ok"] and cc[0]["phase"] == "decode" and cc[0]["tok_s"] > 0, cc
+    assert len(cc) == 2 and all(c["ok"] and c["phase"] == "decode" and c["tok_s"] > 0 for c in cc), cc
     md = (out / "e2e_matrix.md").read_text()
     assert "Cross-check" in md and "tiny-llama: prefill" in md
     assert (models / "tiny-llama-SlideSparse-2_8-int8" / "config.json").exists()

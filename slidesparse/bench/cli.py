@@ -166,6 +166,8 @@ def e2e(
     delete_base: bool = typer.Option(False, help=f"{_MATRIX}: also delete a base this run made, after its model"),
     prepare_ahead: bool = typer.Option(False, help=f"{_MATRIX}: convert the next variant (low priority, a quarter "
                                                     "of the cores) while an engine measures; marked in the report"),
+    standby: bool = typer.Option(True, "--standby/--no-standby", help=f"{_MATRIX}: start the next variant's worker "
+                                 "(its vLLM import, about 17 s on the GPU host) while the current engine starts"),
     tune: Optional[bool] = typer.Option(None, "--tune/--no-tune", help=f"{_MATRIX}: `slidesparse tune` SlideSparse "
                                         "checkpoints that are not tuned (default: when a GPU is present)"),
     repeats: int = typer.Option(3, help=f"{_MATRIX}: timed run pairs per point (median kept)"),
@@ -211,7 +213,7 @@ def e2e(
 
 
 def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base, delete_after, delete_base,
-                prepare_ahead, tune,
+                prepare_ahead, standby, tune,
                 repeats, min_window, min_steps, max_steps, decode_steps, decode_warm_steps, prefill_len, decode_prompt_len,
                 engine_arg, enforce_eager, startup_timeout, point_timeout, retry_failed, crosscheck,
                 crosscheck_prefill_m, crosscheck_decode_m, report_only, dry_run):
@@ -284,7 +286,7 @@ def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base
     try:
         paths = mx.run_matrix(plan, outdir, ck, mx.Timeouts(startup_timeout, point_timeout), retry_failed=retry_failed,
                               delete_base=delete_base, log=lambda s: typer.echo(s, err=True),
-                              prepare_ahead=prepare_ahead)
+                              prepare_ahead=prepare_ahead, standby=standby)
     except BaseException as e:
         # Ctrl-C, or the top-level CLI's signal exception (a BaseException): the engine is already
         # stopped (run_engine's finally); keep the report current, then let the signal end the run

@@ -505,22 +505,40 @@ class Timeouts:
 
 
 class _Worker:
-    def __init__(self, spec: dict, log_path: Path):
+    """One engine process. spec=None starts it in standby: it imports vLLM and waits for activate()."""
+
+    def __init__(self, spec: dict | None, log_path: Path):
         self.log_path = log_path
-        fd = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, prefix="e2e_spec_")
-        json.dump(spec, fd)
-        fd.close()
-        self.spec_path = fd.name
+        self.spec_path = None
+        if spec is not None:
+            self.spec_path = self._write_spec(spec)
         r, w = os.pipe()
         self.log_file = open(log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([*WORKER_CMD, self.spec_path, "--msg-fd", str(w)], stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, pass_fds=(w,), env=env, start_new_session=True)
+        self.proc = subprocess.Popen([*WORKER_CMD, self.spec_path or "-", "--msg-fd", str(w)], stdout=self.log_file,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.PIPE if spec is None else subprocess.DEVNULL,
+                                     pass_fds=(w,), env=env, start_new_session=True)
         os.close(w)
         self.rfd = r
         self.buf = b""
         self.eof = False
         self.stopped = False
+
+    @staticmethod
+    def _write_spec(spec: dict) -> str:
+        fd = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, prefix="e2e_spec_")
+        json.dump(spec, fd)
+        fd.close()
+        return fd.name
+
+    def activate(self, spec: dict) -> None:
+        """Hand a standby worker its spec: from here it starts the engine."""
+        self.spec_path = self._write_spec(spec)
+        try:
+            self.proc.stdin.write((self.spec_path + "\n").encode())
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass    # it died in standby: next_message reports its exit
 
     def next_message(self, timeout: float) -> dict | None:
         """The next message, or None after `timeout` seconds without one; {"event": "exit", "rc": ...}
@@ -557,6 +575,11 @@ class _Worker:
         if self.stopped:
             return
         self.stopped = True
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()     # a standby worker reads EOF and exits
+            except OSError:
+                pass
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -582,7 +605,8 @@ class _Worker:
             time.sleep(0.2)
         os.close(self.rfd)
         self.log_file.close()
-        Path(self.spec_path).unlink(missing_ok=True)
+        if self.spec_path:
+            Path(self.spec_path).unlink(missing_ok=True)
 
 
 def _code_version() -> dict:
@@ -602,20 +626,37 @@ def _code_version() -> dict:
     return {"commit": commit, "dirty": dirty if commit else None, "source": "git"}
 
 
+def engine_log_path(log_dir: Path, model: str, v: Variant) -> Path:
+    n = len(list(log_dir.glob(f"engine_{_slug(model)}__{_slug(v.name)}__*.log")))
+    return log_dir / f"engine_{_slug(model)}__{_slug(v.name)}__{n}.log"
+
+
+def standby_worker(log_dir: Path, model: str, v: Variant) -> _Worker:
+    """A worker for (model, v) that imports vLLM now and starts its engine when run_engine hands it the spec."""
+    return _Worker(None, engine_log_path(log_dir, model, v))
+
+
 def run_engine(model: str, v: Variant, ckpt: Path, points: list[dict], settings: Settings, results: ResultsFile,
-               log_dir: Path, timeouts: Timeouts, common: dict, log=print, max_restarts: int = 4) -> None:
+               log_dir: Path, timeouts: Timeouts, common: dict, log=print, max_restarts: int = 4,
+               worker: _Worker | None = None) -> None:
     """Measure `points` of (model, variant) in one engine, restarting it after a crash for the
-    points that are left. Every outcome is appended to `results` as soon as it is known."""
+    points that are left. Every outcome is appended to `results` as soon as it is known.
+    worker: a standby worker for this variant (standby_worker), used for the first engine."""
     todo = list(points)
     restarts = 0
     first_point_failures = 0     # engines in a row that failed before finishing any point
     while todo:
-        n = len(list(log_dir.glob(f"engine_{_slug(model)}__{_slug(v.name)}__*.log")))
-        log_path = log_dir / f"engine_{_slug(model)}__{_slug(v.name)}__{n}.log"
         spec = {"model": str(ckpt), "points": todo, **settings.key(),
                 "engine_args": _variant_engine_args(v, settings)}
-        log(f"  engine {v.name}: {len(todo)} point(s), log {log_path}")
-        w = _Worker(spec, log_path)
+        if worker is not None:
+            w, worker = worker, None
+            log_path = w.log_path
+            log(f"  engine {v.name}: {len(todo)} point(s), log {log_path} (vLLM imported in standby)")
+            w.activate(spec)
+        else:
+            log_path = engine_log_path(log_dir, model, v)
+            log(f"  engine {v.name}: {len(todo)} point(s), log {log_path}")
+            w = _Worker(spec, log_path)
         t0 = time.time()
         base = {**common, "model": model, "variant": v.name, "ckpt": str(ckpt), "settings": settings.key(),
                 "engine_log": str(log_path)}
@@ -624,6 +665,8 @@ def run_engine(model: str, v: Variant, ckpt: Path, points: list[dict], settings:
         done_here = 0
         try:
             msg = w.next_message(timeouts.startup_s)
+            while msg is not None and msg.get("event") == "standby":
+                msg = w.next_message(timeouts.startup_s)
             if msg is None or msg.get("event") != "ready":
                 if msg is None:
                     err, kind = f"start-up did not finish in {timeouts.startup_s:.0f} s", "timeout"
@@ -639,10 +682,12 @@ def run_engine(model: str, v: Variant, ckpt: Path, points: list[dict], settings:
                                     "error": f"engine start-up failed: {err}", "error_kind": kind, "time": _now()})
                 log(f"    start-up FAILED ({kind}): {err}")
                 return
-            engine = {"startup_s": msg["startup_s"], "vllm": msg.get("vllm"), "kv_cache_tokens": msg.get("kv_cache_tokens"),
+            engine = {"startup_s": msg["startup_s"], "import_s": msg.get("import_s"), "standby": msg.get("standby"),
+                      "vllm": msg.get("vllm"), "kv_cache_tokens": msg.get("kv_cache_tokens"),
                       "engine_args": msg.get("engine_args"), **engine_log_info(_tail(log_path, 2_000_000))}
             results.append({**base, "kind": "engine", "ok": True, **engine, "time": _now()})
             log(f"    ready in {engine['startup_s']:.0f} s" +
+                (f" (+{engine['import_s']:.0f} s of vLLM import in standby)" if engine.get("standby") else "") +
                 (f", weights {engine['weights_gib']:.2f} GiB" if "weights_gib" in engine else ""))
             while True:
                 msg = w.next_message(timeouts.point_s)
@@ -809,9 +854,10 @@ class Plan:
 
 def run_matrix(plan: Plan, out: Path, ckpts: Checkpoints, timeouts: Timeouts, retry_failed: bool = False,
                delete_base: bool = False, log=print, argv: list[str] | None = None,
-               prepare_ahead: bool = False) -> list[Path]:
+               prepare_ahead: bool = False, standby: bool = True) -> list[Path]:
     """Run every missing point of the plan; returns the report files. KeyboardInterrupt propagates
-    after the worker is stopped (the results file stays valid; render the report from it)."""
+    after the worker is stopped (the results file stays valid; render the report from it).
+    standby: start the next variant's worker (vLLM's import, CPU only) while this one's engine starts."""
     out.mkdir(parents=True, exist_ok=True)
     log_dir = out / "logs"
     log_dir.mkdir(exist_ok=True)
@@ -836,14 +882,37 @@ def run_matrix(plan: Plan, out: Path, ckpts: Checkpoints, timeouts: Timeouts, re
                 jobs.append((v, todo, cc_todo))
             else:
                 log(f"  {v.name}: all {len(plan.points())} point(s) already in {RESULTS}")
-        ahead = None
+        waiting: dict[str, _Worker] = {}     # variant name -> its standby worker
+        try:
+            _run_jobs(model, jobs, plan, results, ckpts, log_dir, timeouts, common, skey, log, prepare_ahead,
+                      standby, waiting)
+        finally:
+            for w in waiting.values():
+                w.stop()
+        if delete_base:
+            ckpts.release_base(model)
+    return write_report(out)
+
+
+def _run_jobs(model, jobs, plan, results, ckpts, log_dir, timeouts, common, skey, log, prepare_ahead, standby,
+              waiting) -> None:
+    ahead = None
+    try:
         for i, (v, todo, cc_todo) in enumerate(jobs):
             if ahead is not None:
                 ahead.join()
                 ahead = None
+            mine = waiting.pop(v.name, None)
+            nxt = jobs[i + 1][0] if i + 1 < len(jobs) else None
+            if standby and nxt is not None and jobs[i + 1][1]:
+                # vLLM's import in the next variant's worker: beside this variant's preparation and
+                # engine start-up (CPU work), done before this engine's first point
+                waiting[nxt.name] = standby_worker(log_dir, model, nxt)
             try:
                 ckpt = ckpts.ensure(model, v)
             except MatrixError as e:
+                if mine is not None:
+                    mine.stop()
                 log(f"  {v.name}: FAILED to prepare: {e}")
                 for p in todo:
                     results.append({"kind": "point", "model": model, "variant": v.name, **p, "ok": False,
@@ -851,12 +920,13 @@ def run_matrix(plan: Plan, out: Path, ckpts: Checkpoints, timeouts: Timeouts, re
                                     "time": _now()})
                 continue
             beside = None
-            nxt = jobs[i + 1][0] if i + 1 < len(jobs) else None
             if prepare_ahead and nxt is not None and ckpts.needs_convert(model, nxt):
                 ahead, beside = ckpts.convert_in_background(model, nxt), nxt.name
             if todo:
                 run_engine(model, v, ckpt, todo, plan.settings, results, log_dir, timeouts,
-                           {**common, "concurrent_prepare": beside}, log=log)
+                           {**common, "concurrent_prepare": beside}, log=log, worker=mine)
+            elif mine is not None:
+                mine.stop()
             for phase, m in cc_todo:
                 log(f"  {v.name}: cross-check {phase} M={m} (vllm bench throughput)")
                 lp = log_dir / f"crosscheck_{_slug(model)}__{_slug(v.name)}__{phase}_{m}.log"
@@ -864,14 +934,12 @@ def run_matrix(plan: Plan, out: Path, ckpts: Checkpoints, timeouts: Timeouts, re
                 results.append({"kind": "crosscheck", "model": model, "variant": v.name, "phase": phase, "m": m,
                                 "settings": skey, "log": str(lp), **common, **r, "time": _now()})
                 log(f"    bench: {r['tok_s']:,.0f} tok/s" if r["ok"] else f"    bench FAILED: {r['error']}")
-            write_report(out)
+            write_report(results.path.parent)
             if ckpts.path(model, v) not in {ckpts.path(model, w) for w, _, _ in jobs[i + 1:]}:
                 ckpts.release(model, v)   # not while a later engine (a repeat) still measures it
+    finally:
         if ahead is not None:
             ahead.join()
-        if delete_base:
-            ckpts.release_base(model)
-    return write_report(out)
 
 
 def _crosscheck_todo(records, model, v, plan, skey, retry_failed) -> list[tuple[str, int]]:
@@ -930,6 +998,55 @@ def table_rows(records: list[dict]) -> list[dict]:
     order = _order(list({r["variant"] for r in rows}))
     rows.sort(key=lambda r: (models.index(r["model"]), PHASES.index(r["phase"]), order.index(r["variant"]), r["m"]))
     return rows
+
+
+def engine_time(records: list[dict]) -> dict:
+    """Seconds on the GPU host per (model, variant), as the sweep spent them: every engine's start-up
+    as the driver waited for it (a standby worker's vLLM import is not in it), the points' own time,
+    and the cross-checks' `vllm bench throughput` processes."""
+    out: dict = {}
+    for r in records:
+        k = (r.get("model"), r.get("variant"))
+        if r.get("kind") == "engine" and r.get("ok"):
+            out.setdefault(k, {"startup_s": 0.0, "points_s": 0.0, "crosscheck_s": 0.0, "engines": 0})
+            out[k]["startup_s"] += r.get("startup_s") or 0.0
+            out[k]["engines"] += 1
+        elif r.get("kind") == "point" and r.get("point_s") is not None:
+            out.setdefault(k, {"startup_s": 0.0, "points_s": 0.0, "crosscheck_s": 0.0, "engines": 0})
+            out[k]["points_s"] += r["point_s"]
+        elif r.get("kind") == "crosscheck" and r.get("wall_s") is not None:
+            out.setdefault(k, {"startup_s": 0.0, "points_s": 0.0, "crosscheck_s": 0.0, "engines": 0})
+            out[k]["crosscheck_s"] += r["wall_s"]
+    return out
+
+
+def engine_lines(records: list[dict], engines: dict) -> list[str]:
+    times = engine_time(records)
+    lines = ["## Engines", "",
+             "Start-up is what the sweep waited for; with a standby worker (the next variant's process started "
+             "beside the current engine's start-up) vLLM's import is paid before it and shown apart. "
+             "Points s: the points' own time in all of this variant's engines.", "",
+             "| model | variant | vLLM import s | start-up s | points s | weights GiB | torch.compile s | graph capture s | KV tokens |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def f(e, k, fmt="{:.1f}"):
+        return "" if e.get(k) is None else fmt.format(e[k])
+    for (model, variant), e in engines.items():
+        imp = f(e, "import_s") + (" (standby)" if e.get("standby") and e.get("import_s") is not None else "")
+        pts = times.get((model, variant), {}).get("points_s")
+        lines.append(f"| {model} | {variant} | {imp} | {f(e, 'startup_s')} | {'' if pts is None else f'{pts:.1f}'} | "
+                     f"{f(e, 'weights_gib', '{:.2f}')} | {f(e, 'compile_s')} | {f(e, 'graph_capture_s')} | "
+                     f"{f(e, 'kv_cache_tokens', '{:,}')} |")
+    lines.append("")
+    for model in dict.fromkeys(m for m, _ in times):
+        t = [v for (m, _), v in times.items() if m == model]
+        st, pt, cc = (sum(x[k] for x in t) for k in ("startup_s", "points_s", "crosscheck_s"))
+        n = sum(x["engines"] for x in t)
+        lines.append(f"{model}: {n} engine(s), {(st + pt) / 60:.1f} min of engine time ({st / 60:.1f} start-up, "
+                     f"{pt / 60:.1f} points)" + (f", {cc / 60:.1f} min of cross-checks" if cc else "") +
+                     "; checkpoint preparation and tuning not included.")
+    lines.append("")
+    return lines
 
 
 def markdown(records: list[dict]) -> str:
@@ -1010,14 +1127,7 @@ def markdown(records: list[dict]) -> str:
                   "decode M prompts, the sweep's window + 1 output tokens (its elapsed time includes the prefill "
                   "step the sweep's difference removes).", ""]
     if engines:
-        lines += ["## Engines", "", "| model | variant | start-up s | weights GiB | torch.compile s | graph capture s | KV tokens |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
-        def f(e, k, fmt="{:.1f}"):
-            return "" if e.get(k) is None else fmt.format(e[k])
-        for (model, variant), e in engines.items():
-            lines.append(f"| {model} | {variant} | {f(e, 'startup_s')} | {f(e, 'weights_gib', '{:.2f}')} | {f(e, 'compile_s')} | "
-                         f"{f(e, 'graph_capture_s')} | {f(e, 'kv_cache_tokens', '{:,}')} |")
-        lines.append("")
+        lines += engine_lines(records, engines)
     if failures:
         lines += ["## Failures", ""]
         for r in failures:

@@ -1,6 +1,11 @@
 """One vLLM engine for one (model, variant) of the end-to-end matrix; started by e2e_matrix.
 
     python -m slidesparse.bench.e2e_worker SPEC.json --msg-fd FD
+    python -m slidesparse.bench.e2e_worker - --msg-fd FD     # standby: import vLLM, then read SPEC's path from stdin
+
+Standby exists because importing vLLM takes about 17 s of an H200 engine's 70-90 s start-up: the
+driver starts the next variant's worker while the current engine starts (both CPU work; no CUDA
+is touched before the spec arrives), so the import is off the critical path.
 
 Loads the checkpoint once (weights, torch.compile, CUDA-graph capture: paid here, excluded from
 every point), then measures each point of SPEC and sends one JSON line per event on FD:
@@ -297,10 +302,9 @@ def engine_kwargs(spec: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("spec")
+    ap.add_argument("spec", help="the spec file, or - to import vLLM first and then read its path from stdin")
     ap.add_argument("--msg-fd", type=int, required=True)
     a = ap.parse_args(argv)
-    spec = json.loads(open(a.spec).read())
     msg = os.fdopen(a.msg_fd, "w", buffering=1)
 
     def send(**kw):
@@ -308,18 +312,35 @@ def main(argv=None) -> int:
         msg.flush()
 
     _watch_parent()
-    t0 = time.perf_counter()
-    kw = engine_kwargs(spec)
+    t_import = time.perf_counter()
     try:
         from vllm import LLM
+    except BaseException as e:  # noqa: BLE001 - reported to the driver, which records it
+        traceback.print_exc()
+        send(event="error", where="startup", error=f"{type(e).__name__}: {e}"[:2000])
+        return 1
+    import_s = time.perf_counter() - t_import
+    standby = a.spec == "-"
+    if standby:
+        send(event="standby", import_s=import_s)
+        path = sys.stdin.readline().strip()
+        if not path:      # the driver did not need this engine after all
+            return 0
+    else:
+        path = a.spec
+    spec = json.loads(open(path).read())
+    # start-up as the driver waits for it: with a standby worker the import was paid before
+    t0 = t_import if not standby else time.perf_counter()
+    kw = engine_kwargs(spec)
+    try:
         llm = LLM(**kw)
     except BaseException as e:  # noqa: BLE001 - reported to the driver, which records it
         traceback.print_exc()
         send(event="error", where="startup", error=f"{type(e).__name__}: {e}"[:2000])
         return 1
     import vllm
-    send(event="ready", startup_s=time.perf_counter() - t0, engine_args={k: v for k, v in kw.items() if k != "model"},
-         vllm=vllm.__version__, kv_cache_tokens=_kv_tokens(llm))
+    send(event="ready", startup_s=time.perf_counter() - t0, import_s=import_s, standby=standby,
+         engine_args={k: v for k, v in kw.items() if k != "model"}, vllm=vllm.__version__, kv_cache_tokens=_kv_tokens(llm))
     sweep = Sweep(llm, spec)
     for p in spec["points"]:
         send(event="start", phase=p["phase"], m=p["m"])
