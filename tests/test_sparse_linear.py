@@ -45,6 +45,7 @@ def _layer(plan, g, sparsity="2_8", n=N, k=K):
     layer.ss_k_align, layer.ss_m_align = cl.K_ALIGN, cl.M_ALIGN if sl.SPARSE in sl.plan_kinds(plan) else 1
     layer.ss_cw_values = layer.ss_cw_meta = None
     layer.ss_cw_k, layer.ss_cutlass_configs = 0, ""
+    layer.ss_stock_dense = False
     return layer
 
 
@@ -74,6 +75,57 @@ def test_traced_layer_routes_buckets(monkeypatch, sparsity):
             assert out.shape == (1, m, N) and out.dtype == torch.bfloat16
             ref = _expected(layer, x[0], bias, layer is mixed and m <= 20)
             torch.testing.assert_close(out[0].float(), ref.float(), rtol=2 ** -7, atol=1e-3)
+
+
+class _FakeStockOps:
+    """vllm._custom_ops' two W8A8 functions as torch math (their CUDA kernels are not on this machine)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def scaled_int8_quant(self, x, scale, azp, symmetric=True):
+        self.calls.append("scaled_int8_quant")
+        q, s = quantize_rows(x, "int8")
+        return q, s.view(-1, 1), None
+
+    def cutlass_scaled_mm(self, a, b, scale_a, scale_b, out_dtype, bias=None):
+        self.calls.append("cutlass_scaled_mm")
+        out = (a.float() @ b.float()) * scale_a * scale_b.view(1, -1)
+        return (out + (0.0 if bias is None else bias.float())).to(out_dtype)
+
+
+@pytest.mark.parametrize("act", ["int8", "fp8_e4m3"])
+def test_a_layer_dense_at_every_m_traces_stock_ops_and_no_op_of_ours(monkeypatch, act):
+    """ss_stock_dense: the compiled layer is the quantization and cutlass_scaled_mm, traced into the
+    graph (no slidesparse op, whose host cost showed outside CUDA graphs on the H200), with the
+    quantized math's result. The real ops are checked on the GPU (tests/gpu/test_kernels_gpu.py)."""
+    ops = _FakeStockOps()
+    monkeypatch.setattr(dense, "_STOCK_OPS", ops)
+    g = torch.Generator().manual_seed(11)
+    layer = _layer([65536, sl.DENSE, 0, 1], g)
+    wdt = torch.int8 if act == "int8" else torch.float8_e4m3fn
+    layer.ss_w_dense = (torch.randn(N, K, generator=g) * 20).clamp(-100, 100).to(wdt)
+    layer.ss_act_dtype, layer.ss_stock_dense = act, True
+    bias = torch.randn(N, generator=g).bfloat16()
+    seen = []
+
+    def capture(gm, example_inputs):
+        seen.extend(str(nd.target) for nd in gm.graph.nodes if nd.op == "call_function")
+        return gm.forward
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: CusparseltBackend().apply(layer, x, bias), dynamic=True, fullgraph=True,
+                      backend=capture)
+    for m in (3, 40):
+        x = (torch.randn(1, m, K, generator=g) * 2).bfloat16()
+        out = f(x)
+        q, s = quantize_rows(x[0], act)
+        ref = ((q.float() @ layer.ss_w_dense.float().T) * s[:, None] * layer.ss_w_scale + bias.float()).bfloat16()
+        assert out.shape == (1, m, N)
+        torch.testing.assert_close(out[0].float(), ref.float(), rtol=2 ** -7, atol=1e-3)
+    assert not [t for t in seen if "slidesparse" in t], seen
+    # traced: the fake functions ran while Dynamo traced them (their torch ops are in the graph)
+    assert ops.calls.count("cutlass_scaled_mm") >= 1
+    assert ("scaled_int8_quant" in ops.calls) == (act == "int8")
 
 
 def test_ops_have_consistent_fakes(monkeypatch):

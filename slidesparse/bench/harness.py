@@ -12,9 +12,10 @@ The producer and consumer matter: in vLLM, Inductor fuses the layer's per-token 
 the kernel that computes x (RMSNorm, SiLU*mul) and, where every bucket is sparse, its dequant into
 the kernel that consumes the output (the residual add, SiLU*mul, rotary). Timing the layer alone
 would charge it passes that do not exist in a model, or miss ones that do. The dense baseline is
-timed in the same context, through the same layer with an all-dense plan: per-token quantization
-in torch ops, then vLLM's CUTLASS GEMM with the scales in its epilogue (kernels/dense.py), which is
-the stock path of a dense W8A8 checkpoint. A lifted layer with no dense bucket is timed as
+timed in the same context, through the same layer with an all-dense plan, which traces to stock
+vLLM's own W8A8 layer (kernels/dense.py, stock_w8a8_linear: INT8 quantized by vLLM's
+scaled_int8_quant, FP8 by per-token torch ops, then vLLM's CUTLASS GEMM with the scales in its
+epilogue) wherever vLLM is importable. A lifted layer with no dense bucket is timed as
 runtime/lift_fusion.py leaves it in vLLM: the RMSNorm kernel writes the lifted codes
 (kernels/fused_lift.py), so no lift pass runs.
 """

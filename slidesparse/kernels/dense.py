@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-__all__ = ["dense_kernel", "dense_scaled_mm", "KERNELS"]
+__all__ = ["dense_kernel", "dense_scaled_mm", "KERNELS", "bind_stock_ops", "stock_w8a8_linear"]
 
 KERNELS = ("vllm_cutlass", "torch_scaled_mm", "triton_int8")
 
@@ -57,3 +57,39 @@ def dense_scaled_mm(q: torch.Tensor, w: torch.Tensor, s_tok: torch.Tensor, s_ch:
         out = torch._scaled_mm(q, w.t(), scale_a=s_tok.view(-1, 1), scale_b=s_ch.view(1, -1), out_dtype=out_dtype)
         return out if bias is None else out + bias.to(out_dtype)
     raise ValueError(f"unknown dense kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+
+
+# vllm._custom_ops once bind_stock_ops() has found it; stock_w8a8_linear reads it as a module
+# global, as vLLM's own kernel classes read theirs, so torch.compile traces the call into the graph
+_STOCK_OPS = None
+
+
+def bind_stock_ops(device: torch.device | str) -> bool:
+    """Whether stock vLLM's W8A8 ops (scaled_int8_quant, cutlass_scaled_mm) run on `device`; where
+    they do, they are bound for stock_w8a8_linear."""
+    global _STOCK_OPS
+    if dense_kernel("int8", device) != "vllm_cutlass":
+        return False
+    _STOCK_OPS = _vllm_ops()
+    return True
+
+
+def stock_w8a8_linear(x: torch.Tensor, w: torch.Tensor, s_ch: torch.Tensor, bias: torch.Tensor | None,
+                      act_dtype: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """x [M, K] in bf16/fp16 -> [M, N]: the dynamic per-token W8A8 linear as stock vLLM runs it in a
+    compiled model (its CutlassInt8/CutlassFP8 ScaledMM kernel classes): INT8 quantized by vLLM's
+    scaled_int8_quant op, FP8 by per-token torch ops (what vLLM's QuantFP8 lowers to under
+    torch.compile, fused by Inductor into x's producer), then cutlass_scaled_mm with the scales and
+    bias in its epilogue. Plain torch and vLLM ops, no op of ours around them: a layer whose every
+    bucket is dense costs the host and the GPU what the dense checkpoint's layer costs (through a
+    custom op of ours it cost about 0.1 ms of host time more per layer, which shows wherever a step
+    runs outside a CUDA graph and the host is the bottleneck). Call bind_stock_ops() first."""
+    from ..core.quant import quantize_rows
+    ops = _STOCK_OPS
+    if act_dtype == "int8":
+        q, s_tok, _ = ops.scaled_int8_quant(x.contiguous(), None, None, symmetric=True)
+    else:
+        q, s_tok = quantize_rows(x, act_dtype)
+        s_tok = s_tok.view(-1, 1)
+    return ops.cutlass_scaled_mm(q, w.t(), scale_a=s_tok, scale_b=s_ch.view(-1, 1), out_dtype=out_dtype,
+                                 bias=None if bias is None else bias.to(out_dtype))

@@ -40,6 +40,7 @@ import torch
 from ..core.pattern import Pattern, parse_pattern
 from ..core.quant import AMAX_FLOOR, DTYPES, dtype_name, qmax
 from .quant_slide import QuantSlideError, _torch_impl, padded_lifted_k, quant_slide
+from .library import op
 from .reference import dequant_ref
 
 __all__ = ["Dequant", "rms_norm_ref", "add_rms_norm_ref", "silu_mul_ref", "rms_norm_quant_lift",
@@ -503,7 +504,7 @@ def _fake(x: torch.Tensor, k: int, sparsity: str, act_dtype: str, k_align: int, 
     return q, x.new_empty(m, dtype=torch.float32)
 
 
-@torch.library.custom_op("slidesparse::quant_lift", mutates_args=())
+@op("slidesparse::quant_lift")
 def quant_lift_op(x: torch.Tensor, sparsity: str, act_dtype: str, k_align: int,
                   m_align: int) -> tuple[torch.Tensor, torch.Tensor]:
     return quant_lift(x, sparsity, act_dtype, k_align, m_align)
@@ -514,7 +515,7 @@ def _(x, sparsity, act_dtype, k_align, m_align):
     return _fake(x, x.shape[1], sparsity, act_dtype, k_align, m_align)
 
 
-@torch.library.custom_op("slidesparse::rms_norm_quant_lift", mutates_args=())
+@op("slidesparse::rms_norm_quant_lift")
 def rms_norm_quant_lift_op(x: torch.Tensor, weight: torch.Tensor | None, eps: float, sparsity: str, act_dtype: str,
                            k_align: int, m_align: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rms_norm_quant_lift(x, weight, eps, sparsity, act_dtype, k_align, m_align)
@@ -525,7 +526,7 @@ def _(x, weight, eps, sparsity, act_dtype, k_align, m_align):
     return _fake(x, x.shape[1], sparsity, act_dtype, k_align, m_align)
 
 
-@torch.library.custom_op("slidesparse::add_rms_norm_quant_lift", mutates_args=())
+@op("slidesparse::add_rms_norm_quant_lift")
 def add_rms_norm_quant_lift_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float,
                                sparsity: str, act_dtype: str, k_align: int,
                                m_align: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -538,7 +539,7 @@ def _(x, residual, weight, eps, sparsity, act_dtype, k_align, m_align):
     return q, s, torch.empty_like(x)
 
 
-@torch.library.custom_op("slidesparse::silu_mul_quant_lift", mutates_args=())
+@op("slidesparse::silu_mul_quant_lift")
 def silu_mul_quant_lift_op(t: torch.Tensor, sparsity: str, act_dtype: str, k_align: int,
                            m_align: int) -> tuple[torch.Tensor, torch.Tensor]:
     return silu_mul_quant_lift(t, sparsity, act_dtype, k_align, m_align)
@@ -549,7 +550,7 @@ def _(t, sparsity, act_dtype, k_align, m_align):
     return _fake(t, t.shape[1] // 2, sparsity, act_dtype, k_align, m_align)
 
 
-@torch.library.custom_op("slidesparse::dequant_add_rms_norm_quant_lift", mutates_args=())
+@op("slidesparse::dequant_add_rms_norm_quant_lift")
 def dequant_add_rms_norm_quant_lift_op(acc: torch.Tensor, s_tok: torch.Tensor, s_ch: torch.Tensor,
                                        bias: torch.Tensor | None, n: int, out_dtype: torch.dtype,
                                        residual: torch.Tensor, weight: torch.Tensor | None, eps: float, sparsity: str,
@@ -565,7 +566,7 @@ def _(acc, s_tok, s_ch, bias, n, out_dtype, residual, weight, eps, sparsity, act
     return q, s, torch.empty_like(residual)
 
 
-@torch.library.custom_op("slidesparse::dequant_silu_mul_quant_lift", mutates_args=())
+@op("slidesparse::dequant_silu_mul_quant_lift")
 def dequant_silu_mul_quant_lift_op(acc: torch.Tensor, s_tok: torch.Tensor, s_ch: torch.Tensor,
                                    bias: torch.Tensor | None, n: int, out_dtype: torch.dtype, sparsity: str,
                                    act_dtype: str, k_align: int, m_align: int) -> tuple[torch.Tensor, torch.Tensor]:

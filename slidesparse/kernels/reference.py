@@ -16,6 +16,7 @@ import torch
 
 from ..core.pattern import Pattern, lift, parse_pattern
 from ..core.quant import dequantize, quantize_rows
+from .library import op
 
 
 def quant_slide_ref(x: torch.Tensor, pat: Pattern | str, act_dtype: str,
@@ -83,7 +84,7 @@ def masked_dense_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor |
 _COMPUTE = {"float64": torch.float64, "float32": torch.float32}
 
 
-@torch.library.custom_op("slidesparse::reference_linear", mutates_args=())
+@op("slidesparse::reference_linear")
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
                      bias: torch.Tensor | None, act_dtype: str, lift_l: int, compute: str) -> torch.Tensor:
     """One SlideSparse linear layer in pure torch.

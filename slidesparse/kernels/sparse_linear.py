@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..core.pattern import Pattern, parse_pattern
+from .library import op
 
 SPARSE, DENSE, CUTLASS = 0, 1, 2
 KINDS = {"sparse": SPARSE, "dense": DENSE, "cutlass": CUTLASS}
@@ -189,7 +190,7 @@ def linear_from_lifted(lifted: torch.Tensor, s_tok: torch.Tensor, w_compressed: 
 
 # ----------------------------------------------------------------------------- the custom ops
 
-@torch.library.custom_op("slidesparse::sparse_linear", mutates_args=())
+@op("slidesparse::sparse_linear")
 def sparse_linear(x: torch.Tensor, w_compressed: torch.Tensor | None, w_scale: torch.Tensor | None,
                   bias: torch.Tensor | None, w_dense: torch.Tensor | None, n: int, sparsity: str,
                   act_dtype: str, plan: list[int], cw_values: torch.Tensor | None, cw_meta: torch.Tensor | None,
@@ -204,7 +205,7 @@ def _(x, w_compressed, w_scale, bias, w_dense, n, sparsity, act_dtype, plan, cw_
     return x.new_empty(*x.shape[:-1], n)
 
 
-@torch.library.custom_op("slidesparse::sparse_mm", mutates_args=())
+@op("slidesparse::sparse_mm")
 def sparse_mm(codes: torch.Tensor, w_compressed: torch.Tensor, n: int, sparsity: str,
               plan: list[int]) -> torch.Tensor:
     kind, alg, split_k = choose(plan, codes.shape[0])
@@ -219,7 +220,7 @@ def _(codes, w_compressed, n, sparsity, plan):
     return codes.new_empty(codes.shape[0], cl.padded_n(n), dtype=cl.acc_dtype_for(codes.dtype))
 
 
-@torch.library.custom_op("slidesparse::sparse_linear_codes", mutates_args=())
+@op("slidesparse::sparse_linear_codes")
 def sparse_linear_codes(codes: torch.Tensor, s_tok: torch.Tensor, w_compressed: torch.Tensor | None,
                         w_scale: torch.Tensor, bias: torch.Tensor | None, w_dense: torch.Tensor | None, n: int,
                         sparsity: str, plan: list[int], out_dtype: torch.dtype, cw_values: torch.Tensor | None,
@@ -234,7 +235,7 @@ def _(codes, s_tok, w_compressed, w_scale, bias, w_dense, n, sparsity, plan, out
     return codes.new_empty(codes.shape[0], n, dtype=out_dtype)
 
 
-@torch.library.custom_op("slidesparse::sparse_mm_lifted", mutates_args=())
+@op("slidesparse::sparse_mm_lifted")
 def sparse_mm_lifted(lifted: torch.Tensor, w_compressed: torch.Tensor, n: int, plan: list[int]) -> torch.Tensor:
     # the bucket of the padded row count: bucket bounds are multiples of cuSPARSELt's M_ALIGN
     kind, alg, split_k = choose(plan, lifted.shape[0])
@@ -249,7 +250,7 @@ def _(lifted, w_compressed, n, plan):
     return lifted.new_empty(lifted.shape[0], cl.padded_n(n), dtype=cl.acc_dtype_for(lifted.dtype))
 
 
-@torch.library.custom_op("slidesparse::sparse_linear_lifted", mutates_args=())
+@op("slidesparse::sparse_linear_lifted")
 def sparse_linear_lifted(lifted: torch.Tensor, s_tok: torch.Tensor, w_compressed: torch.Tensor | None,
                          w_scale: torch.Tensor, bias: torch.Tensor | None, n: int, plan: list[int],
                          out_dtype: torch.dtype, cw_values: torch.Tensor | None, cw_meta: torch.Tensor | None,

@@ -14,6 +14,8 @@ apply() picks the form by mode:
                                   Inductor fuses into the op that consumes the output
       some bucket dense           slidesparse::sparse_linear_codes, whose dense buckets run the
                                   dense GEMM with the scales in its epilogue (docs/performance.md)
+      every bucket dense          stock vLLM's W8A8 linear, traced in (kernels/dense.py,
+                                  stock_w8a8_linear): no op of ours, so no host cost of ours
       lifted pattern, no dense    slidesparse::quant_lift (x -> x', which runtime/lift_fusion.py
       bucket                      folds into x's producer), then sparse_mm_lifted and the dequant in
                                   torch ops, or sparse_linear_lifted where a bucket is CUTLASS
@@ -32,6 +34,7 @@ from ..core.pattern import unslide
 from ..core.quant import DTYPES, quantize_rows
 from ..core.tuning import TuningTable
 from ..kernels import sparse_linear as sl
+from ..kernels.dense import bind_stock_ops, stock_w8a8_linear
 from ..kernels.reference import dequant_ref
 from .backend import Backend, BackendError, SlidWeight
 from .lift_fusion import form_mismatch, lift_fusion_enabled
@@ -183,6 +186,10 @@ class CusparseltBackend(Backend):
                                  and lift_fusion_enabled())
         layer.ss_k_align = cl.K_ALIGN
         layer.ss_m_align = cl.M_ALIGN if sl.SPARSE in kinds else 1
+        # traced, a layer that is dense at every M is stock vLLM's layer: its quantization and GEMM
+        # traced straight into the graph (kernels/dense.py, stock_w8a8_linear)
+        layer.ss_stock_dense = (w.act_dtype is not None and kinds == {sl.DENSE}
+                                and bind_stock_ops(w_dense.device))
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         n, act = layer.ss_n, layer.ss_act_dtype
@@ -192,6 +199,9 @@ class CusparseltBackend(Backend):
                                                        layer.ss_cw_values, layer.ss_cw_meta, layer.ss_cw_k,
                                                        layer.ss_cutlass_configs)
         x2 = x if x.dim() == 2 else x.reshape(-1, layer.ss_k)
+        if layer.ss_stock_dense:
+            return stock_w8a8_linear(x2, layer.ss_w_dense, layer.ss_w_scale, bias, act,
+                                     x.dtype).reshape(*x.shape[:-1], n)
         if layer.ss_takes_lifted:
             # one op from x to x', which the lift-fusion pass folds into x's producer
             lifted, s_tok = torch.ops.slidesparse.quant_lift(x2, layer.ss_sparsity, act, layer.ss_k_align,

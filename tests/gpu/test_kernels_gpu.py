@@ -303,6 +303,45 @@ def test_compiled_linear_matches_eager(L, wdtype, mixed):
         assert _rel(out, exact) < 6e-3 and _rel(out, eager) < 4e-3, m
 
 
+def _all_dense(n, k, sp, wdtype):
+    kl = parse_pattern(sp).lifted_k(k)
+    return TuningTable.from_dict({"format_version": 1, "entries": [
+        {"n": n, "k_lifted": kl, "dtype": wdtype, "m_max": 65536, "backend": "dense", "alg_id": 0}]})
+
+
+@pytest.mark.parametrize("wdtype", ("int8", "fp8_e4m3"))
+@pytest.mark.parametrize("L", ("2_6", "2_8"))
+def test_a_layer_dense_at_every_m_traces_to_stock_vllms_ops(L, wdtype):
+    """Dense at every bucket, the compiled layer is stock vLLM's W8A8 layer: its quantization
+    (INT8: scaled_int8_quant; FP8: per-token torch ops) and cutlass_scaled_mm traced into the graph,
+    no slidesparse op (each cost ~0.1 ms of host time per layer outside CUDA graphs on the H200);
+    without vLLM the op path serves. Either way the output is the quantized math's."""
+    from slidesparse.kernels.dense import bind_stock_ops
+    n, k = 3072, 2048
+    be, layer, q, scale, bias, act = _backend_layer(n, k, L, wdtype, 83, tuning=_all_dense(n, k, L, wdtype))
+    stock = bind_stock_ops(DEV)
+    assert layer.ss_stock_dense == stock and layer.ss_w_compressed is None and layer.ss_cw_values is None
+    seen = []
+
+    def capture(gm, example_inputs):
+        seen.extend(str(nd.target) for nd in gm.graph.nodes if nd.op == "call_function")
+        return gm.forward
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: be.apply(layer, x, bias), dynamic=True, fullgraph=True, backend=capture)
+    for m in (3, 64, 1000):
+        x = _x(m, k, 89 + m)
+        out = f(x)
+        exact = ref.linear_ref(x, q, scale, bias, act, compute_dtype=torch.float64)
+        assert _rel(out, exact) < 6e-3, m
+        assert _rel(out, ref.masked_dense_ref(x, q, scale, bias)) < {"fp8_e4m3": 0.08, "int8": 0.04}[wdtype]
+    ours = [t for t in seen if "slidesparse" in t]
+    if stock:
+        assert not ours and any("cutlass_scaled_mm" in t for t in seen), seen
+        assert any("dynamic_scaled_int8_quant" in t for t in seen) == (wdtype == "int8"), seen
+    else:
+        assert any("sparse_linear_codes" in t for t in ours), seen
+
+
 @pytest.mark.parametrize("m", (1, 7, 255, 4096))
 def test_triton_int8_gemm(m):
     from slidesparse.kernels.int8_gemm import int8_linear
