@@ -107,6 +107,53 @@ def test_objectives_weigh_the_buckets_of_their_phase():
         choose_plan(dense, fused, in_op, weights=[0, 0, 0, 0])
 
 
+def test_steps_above_the_largest_cuda_graph_are_timed_with_their_host_time(monkeypatch):
+    """vLLM replays graphs up to its largest capture size; above it a layer's host time is on the
+    step's path, so the tuner times those M from back-to-back launches, which see host work."""
+    import time as _time
+
+    from slidesparse.bench import harness
+    monkeypatch.setattr(harness, "graph_time_ms", lambda fn: -1.0)   # (CUDA graphs: not on this machine)
+
+    def host_work():   # 2 ms of host time, no device work
+        t = _time.perf_counter()
+        while _time.perf_counter() - t < 2e-3:
+            pass
+    assert harness.step_time_ms(host_work, 512) == -1.0
+    # each call spins 2 ms, so no less; a loaded machine may stretch it, not halve it
+    assert 1.99 <= harness.step_time_ms(host_work, 300, graph_max_m=256) < 4.0
+    t = harness.step_time_ms(host_work, 2048)
+    assert 1.99 <= t < 4.0, t
+    assert "back-to-back launches above" in policy_text_for(1024)
+
+
+def policy_text_for(g):
+    from slidesparse.tune.search import policy_text
+    text = policy_text((64, 16384), "balanced", 0.05, g)
+    assert f"CUDA-graph replays at M <= {g}" in text
+    return text
+
+
+def test_tune_cli_passes_the_graph_size_and_refuses_a_bad_one(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from slidesparse.cli import app
+    from slidesparse.tune import search
+    seen = {}
+
+    def fake_tune(ckpts, buckets, progress=None, **kw):
+        seen.update(kw, buckets=buckets)
+        raise search.TuneError("stop here")
+    monkeypatch.setattr(search, "tune_checkpoints", fake_tune)
+    (tmp_path / "c").mkdir()
+    r = CliRunner().invoke(app, ["tune", str(tmp_path / "c"), "--graph-max-m", "1024"])
+    assert r.exit_code == 2 and "stop here" in r.output and seen["graph_max_m"] == 1024
+    r = CliRunner().invoke(app, ["tune", str(tmp_path / "c")])
+    assert seen["graph_max_m"] == 512 and 512 in seen["buckets"]
+    r = CliRunner().invoke(app, ["tune", str(tmp_path / "c"), "--graph-max-m", "-1"])
+    assert r.exit_code == 2 and r.output.strip().startswith("error: --graph-max-m")
+
+
 def test_policy_travels_in_the_tuning_file(tmp_path):
     from slidesparse.core.tuning import TuningError, TuningTable
     from slidesparse.tune.search import policy_text

@@ -26,7 +26,7 @@
 #
 # Environment: PRESET (qwen2.5-7b), SGPT_PRESET (the sparsegpt stage's model, PRESET), VARIANTS (fp8,2_8-fp8,2_4-fp8,int8,2_8-int8; NAME#E repeats NAME
 # in an engine of its own, e.g. ...,fp8#2,2_8-fp8#2 for engine-to-engine variance), PREFILL_M
-# (16384), DECODE_M (256), TUNE_M (64,256,2048,16384), MODELS (/root/models), RES (/root/res),
+# (16384), DECODE_M (256), TUNE_M (64,256,512,2048,16384: 512 is vLLM's largest CUDA graph), MODELS (/root/models), RES (/root/res),
 # BENCH_M (256,16384), BENCH_FORMS (eager,traced,in_op), BENCH_ROUNDS (2), TEST_TIMEOUT (600 s),
 # BENCH_TIMEOUT (420 s), PROFILE_M (tokens per profiled prefill step, 16384), PROFILE_DECODE_M (256), TESTS (pytest paths, tests/gpu), GEMM_PRESETS (qwen2.5-7b,llama3.2-1b), GEMM_M
 # (64,256,1024,4096,16384), GEMM_LIB_WAIT (0 s), CSLT010 (/root/c/libcusparseLt.so.0), GEMM010_WAIT (0 s);
@@ -151,7 +151,7 @@ fi
 
 if [[ " $STAGES " == *" tune "* ]] && [ ${#sparse_ckpts[@]} -gt 0 ]; then
   say "tune ${#sparse_ckpts[@]} checkpoints"
-  ( time ss tune "${sparse_ckpts[@]}" --m "${TUNE_M:-64,256,2048,16384}" ) > "$RES/tune.log" 2>&1
+  ( time ss tune "${sparse_ckpts[@]}" --m "${TUNE_M:-64,256,512,2048,16384}" ) > "$RES/tune.log" 2>&1
   mkdir -p "$RES/tuning"
   for d in "${sparse_ckpts[@]}"; do cp "$d/slidesparse_tuning.json" "$RES/tuning/$(basename "$d").json" 2>/dev/null; done
   say "tune: $(grep -c wrote "$RES/tune.log") written, $(grep real "$RES/tune.log")"
@@ -190,7 +190,7 @@ if [[ " $STAGES " == *" e2e_b "* ]]; then
     src=$(ckpt "$v"); dst=$src-prefill-objective
     if [ ! -f "$dst/slidesparse_tuning.json" ]; then
       mkdir -p "$dst"; for f in "$src"/*; do [ "$(basename "$f")" = slidesparse_tuning.json ] || ln -sf "$f" "$dst/"; done
-      ( time ss tune "$dst" --objective prefill --m "${TUNE_M:-64,256,2048,16384}" ) >> "$RES/tune_prefill_objective.log" 2>&1
+      ( time ss tune "$dst" --objective prefill --m "${TUNE_M:-64,256,512,2048,16384}" ) >> "$RES/tune_prefill_objective.log" 2>&1
       mkdir -p "$RES/tuning"; cp "$dst/slidesparse_tuning.json" "$RES/tuning/$(basename "$dst").json" 2>/dev/null
     fi
     ckargs+=(--ckpt "$v=$dst"); names+=",$v"

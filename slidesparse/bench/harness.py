@@ -7,6 +7,14 @@
                                            producer (RMSNorm, SiLU*mul, attention) and a residual-add
                                            consumer, compiled
     graph_time_ms(fn)                      device time of one call, from CUDA-graph replays
+    launch_time_ms(fn)                     wall time of one call launched back to back from Python
+    step_time_ms(fn, m)                    the one of the two that vLLM's step at M pays
+
+vLLM replays CUDA graphs only for steps of up to its largest capture size (GRAPH_MAX_M, 512 by
+default); larger steps launch the compiled code from Python, so there a layer costs its host time
+where that exceeds its GPU time. On the H200 a Llama-3.2-1B prefill step at 1024-4096 tokens is
+host-bound, and layers that CUDA-graph replays timed as faster than dense made it slower
+(results/H200/matrix_session_2026-12-02f); timing such M from back-to-back launches sees that.
 
 The producer and consumer matter: in vLLM, Inductor fuses the layer's per-token quantization into
 the kernel that computes x (RMSNorm, SiLU*mul) and, where every bucket is sparse, its dequant into
@@ -23,6 +31,7 @@ runtime/lift_fusion.py leaves it in vLLM: the RMSNorm kernel writes the lifted c
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -34,9 +43,45 @@ from ..runtime.backend import SlidWeight
 from ..runtime.cusparselt_backend import CusparseltBackend
 
 __all__ = ["random_weight", "prepare", "plan_entries", "traced_forward", "eager_forward", "graph_time_ms",
-           "DENSE_EVERYWHERE", "PRODUCERS", "producer_of", "input_width"]
+           "launch_time_ms", "step_time_ms", "GRAPH_MAX_M", "DENSE_EVERYWHERE", "PRODUCERS", "producer_of",
+           "input_width"]
 
 DENSE_EVERYWHERE = ((MAX_M, "dense", 0),)
+# vLLM's default largest CUDA-graph capture size: min(2 x max_num_seqs, 512) (CompilationConfig's
+# max_cudagraph_capture_size); `slidesparse tune --graph-max-m` for engines set otherwise
+GRAPH_MAX_M = 512
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def launch_time_ms(fn, target_ms: float = 4.0, replays: int = 5) -> float:
+    """Median wall time of one fn() call when r calls are launched back to back from Python and
+    then waited for: the GPU time where the GPU is the bottleneck, the host time where the host is."""
+    fn()
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    est = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    r = int(min(max(target_ms / est, 1), 200))
+    ts = []
+    for _ in range(replays):
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(r):
+            fn()
+        _sync()
+        ts.append((time.perf_counter() - t0) * 1e3 / r)
+    return statistics.median(ts)
+
+
+def step_time_ms(fn, m: int, graph_max_m: int = GRAPH_MAX_M) -> float:
+    """What one call costs inside a vLLM step of M tokens: graph replays up to graph_max_m,
+    back-to-back launches above."""
+    return graph_time_ms(fn) if m <= graph_max_m else launch_time_ms(fn)
 
 
 def graph_time_ms(fn, target_ms: float = 4.0, replays: int = 5) -> float:

@@ -15,7 +15,7 @@ app = typer.Typer(help="Tune a checkpoint's GEMM choices on this GPU.", no_args_
 @app.callback()
 def tune(ckpts: List[Path] = typer.Argument(..., help="SlideSparse checkpoint folders (several: the dense "
                                                        "measurements are shared)"),
-         m: str = typer.Option("16,64,256,1024,4096,16384", "--m", help="M bucket bounds"),
+         m: str = typer.Option("16,64,256,512,1024,4096,16384", "--m", help="M bucket bounds"),
          tp: int = typer.Option(1, "--tp", help="tensor-parallel size the checkpoints will be served with"),
          mixed_min_gain: float = typer.Option(
              0.05, "--mixed-min-gain",
@@ -24,7 +24,12 @@ def tune(ckpts: List[Path] = typer.Argument(..., help="SlideSparse checkpoint fo
          objective: str = typer.Option(
              "balanced", "--objective",
              help="what the plans are chosen for: balanced (every M bucket alike), prefill (buckets above "
-                  "M=256 only) or decode (buckets up to M=256 only)")):
+                  "M=256 only) or decode (buckets up to M=256 only)"),
+         graph_max_m: int = typer.Option(
+             512, "--graph-max-m",
+             help="the engine's largest CUDA-graph capture size (vLLM's max_cudagraph_capture_size, 512 by "
+                  "default): buckets up to it are timed from graph replays, larger ones from back-to-back "
+                  "launches, where the host time of a layer counts")):
     """Search cuSPARSELt algorithms per layer shape and M bucket, time the sparse and dense forms
     as vLLM runs them, and mark each bucket sparse or dense."""
     from rich.progress import Progress
@@ -45,6 +50,9 @@ def tune(ckpts: List[Path] = typer.Argument(..., help="SlideSparse checkpoint fo
     except TuneError as e:
         typer.echo(f"error: --{e}", err=True)
         raise typer.Exit(2)
+    if not 0 <= graph_max_m <= 1 << 24:
+        typer.echo(f"error: --graph-max-m must be in [0, 16777216], got {graph_max_m}", err=True)
+        raise typer.Exit(2)
     if not 0 <= mixed_min_gain < 1:  # also false for nan
         typer.echo(f"error: --mixed-min-gain must be in [0, 1), got {mixed_min_gain}", err=True)
         raise typer.Exit(2)
@@ -57,7 +65,8 @@ def tune(ckpts: List[Path] = typer.Argument(..., help="SlideSparse checkpoint fo
             task = prog.add_task("tuning", total=None)
             out = tune_checkpoints(list(ckpts), buckets,
                                    progress=lambda i, n, d: prog.update(task, completed=i, total=n, description=d),
-                                   tp=tp, mixed_min_gain=mixed_min_gain, objective=objective)
+                                   tp=tp, mixed_min_gain=mixed_min_gain, objective=objective,
+                                   graph_max_m=graph_max_m)
     except TuneError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

@@ -24,7 +24,7 @@ from ..core.layout import vllm_layer_shapes
 from ..core.quant import DTYPES
 from ..core.tuning import TuningEntry, TuningTable
 
-M_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
+M_BUCKETS = (16, 64, 256, 512, 1024, 4096, 16384)   # 512: vLLM's default largest CUDA graph
 
 # What a plan is chosen for. A step of at most DECODE_MAX_M tokens is a decode step (one token per
 # running sequence, vLLM's default max_num_seqs is 256); larger ones are prefill chunks. "balanced"
@@ -152,15 +152,17 @@ def best_cutlass_configs(w, buckets, gen) -> list[str] | None:
 
 def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds: int = 2,
                dense_cache: dict | None = None, mixed_min_gain: float = MIXED_MIN_GAIN,
-               objective: str = "balanced", producer: str = "rms_norm") -> list[TuningEntry]:
+               objective: str = "balanced", producer: str = "rms_norm",
+               graph_max_m: int | None = None) -> list[TuningEntry]:
     """Measure one layer shape at every bucket's M in the forms the runtime runs, behind its
     producer (bench/harness.PRODUCERS), and decide.
 
     dense_cache: times of the all-dense form keyed by (n, k, dtype, producer, M), shared between
     the checkpoints of one `slidesparse tune` call (every variant of a model has the same dense
     layers)."""
-    from ..bench.harness import (DENSE_EVERYWHERE, eager_forward, graph_time_ms, input_width, prepare, random_weight,
-                                 traced_forward)
+    from ..bench.harness import (DENSE_EVERYWHERE, GRAPH_MAX_M, eager_forward, input_width, prepare, random_weight,
+                                 step_time_ms, traced_forward)
+    graph_max_m = GRAPH_MAX_M if graph_max_m is None else graph_max_m
     from ..core.tuning import MAX_M
     from ..kernels import cusparselt as cl
     from ..kernels.quant_slide import quant_slide
@@ -198,7 +200,7 @@ def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds
         for m in buckets:
             order = list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]  # interleaved, rotating
             for name in order:
-                times[name][m].append(graph_time_ms(lambda f=fns[name], m=m: f(xs[m], res[m])))
+                times[name][m].append(step_time_ms(lambda f=fns[name], m=m: f(xs[m], res[m]), m, graph_max_m))
     med = {name: [statistics.median(times[name][m]) for m in buckets] for name in times}
     if "dense" not in med:
         med["dense"] = [dense_cache[(n, k, wdt, producer, m)] for m in buckets]
@@ -224,7 +226,8 @@ def tune_shape(n: int, k: int, cfg: SlideSparseConfig, buckets=M_BUCKETS, rounds
 
 
 def tune_checkpoints(ckpts: list[Path], buckets=M_BUCKETS, progress=None, tp: int = 1,
-                     mixed_min_gain: float = MIXED_MIN_GAIN, objective: str = "balanced") -> list[Path]:
+                     mixed_min_gain: float = MIXED_MIN_GAIN, objective: str = "balanced",
+                     graph_max_m: int | None = None) -> list[Path]:
     """Tune each checkpoint on this GPU and write its slidesparse_tuning.json (atomically)."""
     bucket_weights(buckets, objective)  # a bad objective fails before any measurement
     if not 0 <= mixed_min_gain < 1:
@@ -239,23 +242,27 @@ def tune_checkpoints(ckpts: list[Path], buckets=M_BUCKETS, progress=None, tp: in
         entries = []
         for n, k, producer in shapes:
             entries += tune_shape(n, k, cfg, buckets, dense_cache=dense_cache, mixed_min_gain=mixed_min_gain,
-                                  objective=objective, producer=producer)
+                                  objective=objective, producer=producer, graph_max_m=graph_max_m)
             done += 1
             if progress:
                 progress(done, total, f"{ckpt.name}: N={n} K={k} ({producer})")
         table = TuningTable(device=torch.cuda.get_device_name(), tensor_parallel_size=tp, entries=tuple(entries),
-                            library=_libraries(cfg), policy=policy_text(buckets, objective, mixed_min_gain))
+                            library=_libraries(cfg),
+                            policy=policy_text(buckets, objective, mixed_min_gain, graph_max_m))
         table.save(ckpt / TUNING_FILE)
         out.append(ckpt / TUNING_FILE)
     return out
 
 
-def policy_text(buckets, objective: str, mixed_min_gain: float) -> str:
+def policy_text(buckets, objective: str, mixed_min_gain: float, graph_max_m: int | None = None) -> str:
     """How the table's plans were chosen, as the tuning file records it."""
+    from ..bench.harness import GRAPH_MAX_M
     from ..runtime.lift_fusion import form_text
     w = bucket_weights(buckets, objective)
+    g = GRAPH_MAX_M if graph_max_m is None else graph_max_m
     return (f"objective {objective} (bucket weights {', '.join(f'M<={m}: {x:g}' for m, x in zip(buckets, w))}); "
             f"a plan with two weight copies must save {mixed_min_gain:g} of dense time more than the best one-copy plan; "
+            f"timed from CUDA-graph replays at M <= {g} and from back-to-back launches above (host time included); "
             f"{form_text()}")
 
 
