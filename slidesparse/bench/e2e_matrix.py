@@ -904,21 +904,25 @@ def _run_jobs(model, jobs, plan, results, ckpts, log_dir, timeouts, common, skey
                 ahead = None
             mine = waiting.pop(v.name, None)
             nxt = jobs[i + 1][0] if i + 1 < len(jobs) else None
-            if standby and nxt is not None and jobs[i + 1][1]:
-                # vLLM's import in the next variant's worker: beside this variant's preparation and
-                # engine start-up (CPU work), done before this engine's first point
-                waiting[nxt.name] = standby_worker(log_dir, model, nxt)
+
+            def ready_next():
+                # vLLM's import in the next variant's worker, beside this engine's start-up (CPU work,
+                # done before its first point); not beside the preparation, whose tuning times host work
+                if standby and nxt is not None and jobs[i + 1][1]:
+                    waiting[nxt.name] = standby_worker(log_dir, model, nxt)
             try:
                 ckpt = ckpts.ensure(model, v)
             except MatrixError as e:
                 if mine is not None:
                     mine.stop()
+                ready_next()
                 log(f"  {v.name}: FAILED to prepare: {e}")
                 for p in todo:
                     results.append({"kind": "point", "model": model, "variant": v.name, **p, "ok": False,
                                     "error": str(e)[:1000], "error_kind": "prepare", "settings": skey, **common,
                                     "time": _now()})
                 continue
+            ready_next()
             beside = None
             if prepare_ahead and nxt is not None and ckpts.needs_convert(model, nxt):
                 ahead, beside = ckpts.convert_in_background(model, nxt), nxt.name
