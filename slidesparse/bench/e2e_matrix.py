@@ -882,68 +882,58 @@ def run_matrix(plan: Plan, out: Path, ckpts: Checkpoints, timeouts: Timeouts, re
                 jobs.append((v, todo, cc_todo))
             else:
                 log(f"  {v.name}: all {len(plan.points())} point(s) already in {RESULTS}")
-        waiting: dict[str, _Worker] = {}     # variant name -> its standby worker
+        ahead = None
+        mine = waiting = None     # this variant's standby worker, and the next one's
         try:
-            _run_jobs(model, jobs, plan, results, ckpts, log_dir, timeouts, common, skey, log, prepare_ahead,
-                      standby, waiting)
+            for i, (v, todo, cc_todo) in enumerate(jobs):
+                if ahead is not None:
+                    ahead.join()
+                    ahead = None
+                mine, waiting = waiting, None
+                nxt = jobs[i + 1][0] if i + 1 < len(jobs) else None
+                try:
+                    ckpt = ckpts.ensure(model, v)
+                except MatrixError as e:
+                    ckpt = None
+                    log(f"  {v.name}: FAILED to prepare: {e}")
+                    for p in todo:
+                        results.append({"kind": "point", "model": model, "variant": v.name, **p, "ok": False,
+                                        "error": str(e)[:1000], "error_kind": "prepare", "settings": skey, **common,
+                                        "time": _now()})
+                # vLLM's import in the next variant's worker: after this preparation (whose tuning times
+                # host work), beside this engine's start-up (CPU work), done before its first point
+                if standby and nxt is not None and jobs[i + 1][1]:
+                    waiting = standby_worker(log_dir, model, nxt)
+                if ckpt is None or not todo:
+                    if mine is not None:
+                        mine.stop()
+                    if ckpt is None:
+                        continue
+                beside = None
+                if prepare_ahead and nxt is not None and ckpts.needs_convert(model, nxt):
+                    ahead, beside = ckpts.convert_in_background(model, nxt), nxt.name
+                if todo:
+                    run_engine(model, v, ckpt, todo, plan.settings, results, log_dir, timeouts,
+                               {**common, "concurrent_prepare": beside}, log=log, worker=mine)
+                for phase, m in cc_todo:
+                    log(f"  {v.name}: cross-check {phase} M={m} (vllm bench throughput)")
+                    lp = log_dir / f"crosscheck_{_slug(model)}__{_slug(v.name)}__{phase}_{m}.log"
+                    r = bench_throughput(ckpt, phase, m, plan.settings, v, lp, timeouts.startup_s + timeouts.point_s)
+                    results.append({"kind": "crosscheck", "model": model, "variant": v.name, "phase": phase, "m": m,
+                                    "settings": skey, "log": str(lp), **common, **r, "time": _now()})
+                    log(f"    bench: {r['tok_s']:,.0f} tok/s" if r["ok"] else f"    bench FAILED: {r['error']}")
+                write_report(out)
+                if ckpts.path(model, v) not in {ckpts.path(model, w) for w, _, _ in jobs[i + 1:]}:
+                    ckpts.release(model, v)   # not while a later engine (a repeat) still measures it
         finally:
-            for w in waiting.values():
-                w.stop()
+            for w in (mine, waiting):     # stop() is idempotent: run_engine stops the one it used
+                if w is not None:
+                    w.stop()
+            if ahead is not None:
+                ahead.join()
         if delete_base:
             ckpts.release_base(model)
     return write_report(out)
-
-
-def _run_jobs(model, jobs, plan, results, ckpts, log_dir, timeouts, common, skey, log, prepare_ahead, standby,
-              waiting) -> None:
-    ahead = None
-    try:
-        for i, (v, todo, cc_todo) in enumerate(jobs):
-            if ahead is not None:
-                ahead.join()
-                ahead = None
-            mine = waiting.pop(v.name, None)
-            nxt = jobs[i + 1][0] if i + 1 < len(jobs) else None
-
-            def ready_next():
-                # vLLM's import in the next variant's worker, beside this engine's start-up (CPU work,
-                # done before its first point); not beside the preparation, whose tuning times host work
-                if standby and nxt is not None and jobs[i + 1][1]:
-                    waiting[nxt.name] = standby_worker(log_dir, model, nxt)
-            try:
-                ckpt = ckpts.ensure(model, v)
-            except MatrixError as e:
-                if mine is not None:
-                    mine.stop()
-                ready_next()
-                log(f"  {v.name}: FAILED to prepare: {e}")
-                for p in todo:
-                    results.append({"kind": "point", "model": model, "variant": v.name, **p, "ok": False,
-                                    "error": str(e)[:1000], "error_kind": "prepare", "settings": skey, **common,
-                                    "time": _now()})
-                continue
-            ready_next()
-            beside = None
-            if prepare_ahead and nxt is not None and ckpts.needs_convert(model, nxt):
-                ahead, beside = ckpts.convert_in_background(model, nxt), nxt.name
-            if todo:
-                run_engine(model, v, ckpt, todo, plan.settings, results, log_dir, timeouts,
-                           {**common, "concurrent_prepare": beside}, log=log, worker=mine)
-            elif mine is not None:
-                mine.stop()
-            for phase, m in cc_todo:
-                log(f"  {v.name}: cross-check {phase} M={m} (vllm bench throughput)")
-                lp = log_dir / f"crosscheck_{_slug(model)}__{_slug(v.name)}__{phase}_{m}.log"
-                r = bench_throughput(ckpt, phase, m, plan.settings, v, lp, timeouts.startup_s + timeouts.point_s)
-                results.append({"kind": "crosscheck", "model": model, "variant": v.name, "phase": phase, "m": m,
-                                "settings": skey, "log": str(lp), **common, **r, "time": _now()})
-                log(f"    bench: {r['tok_s']:,.0f} tok/s" if r["ok"] else f"    bench FAILED: {r['error']}")
-            write_report(results.path.parent)
-            if ckpts.path(model, v) not in {ckpts.path(model, w) for w, _, _ in jobs[i + 1:]}:
-                ckpts.release(model, v)   # not while a later engine (a repeat) still measures it
-    finally:
-        if ahead is not None:
-            ahead.join()
 
 
 def _crosscheck_todo(records, model, v, plan, skey, retry_failed) -> list[tuple[str, int]]:
@@ -1010,17 +1000,19 @@ def engine_time(records: list[dict]) -> dict:
     and the cross-checks' `vllm bench throughput` processes."""
     out: dict = {}
     for r in records:
-        k = (r.get("model"), r.get("variant"))
-        if r.get("kind") == "engine" and r.get("ok"):
-            out.setdefault(k, {"startup_s": 0.0, "points_s": 0.0, "crosscheck_s": 0.0, "engines": 0})
-            out[k]["startup_s"] += r.get("startup_s") or 0.0
-            out[k]["engines"] += 1
-        elif r.get("kind") == "point" and r.get("point_s") is not None:
-            out.setdefault(k, {"startup_s": 0.0, "points_s": 0.0, "crosscheck_s": 0.0, "engines": 0})
-            out[k]["points_s"] += r["point_s"]
-        elif r.get("kind") == "crosscheck" and r.get("wall_s") is not None:
-            out.setdefault(k, {"startup_s": 0.0, "points_s": 0.0, "crosscheck_s": 0.0, "engines": 0})
-            out[k]["crosscheck_s"] += r["wall_s"]
+        kind = r.get("kind")
+        if kind == "engine" and r.get("ok"):
+            field, s = "startup_s", r.get("startup_s") or 0.0
+        elif kind == "point" and r.get("point_s") is not None:
+            field, s = "points_s", r["point_s"]
+        elif kind == "crosscheck" and r.get("wall_s") is not None:
+            field, s = "crosscheck_s", r["wall_s"]
+        else:
+            continue
+        t = out.setdefault((r.get("model"), r.get("variant")),
+                           {"startup_s": 0.0, "points_s": 0.0, "crosscheck_s": 0.0, "engines": 0})
+        t[field] += s
+        t["engines"] += kind == "engine"
     return out
 
 

@@ -15,6 +15,8 @@ import functools
 
 import torch
 
+from ..core.quant import quantize_rows
+
 __all__ = ["dense_kernel", "dense_scaled_mm", "KERNELS", "bind_stock_ops", "stock_w8a8_linear"]
 
 KERNELS = ("vllm_cutlass", "torch_scaled_mm", "triton_int8")
@@ -47,9 +49,7 @@ def dense_scaled_mm(q: torch.Tensor, w: torch.Tensor, s_tok: torch.Tensor, s_ch:
     act = "int8" if q.dtype == torch.int8 else "fp8_e4m3"
     kernel = kernel or dense_kernel(act, q.device)
     if kernel == "vllm_cutlass":
-        ops = _vllm_ops()
-        return ops.cutlass_scaled_mm(q, w.t(), scale_a=s_tok.view(-1, 1), scale_b=s_ch.view(-1, 1),
-                                     out_dtype=out_dtype, bias=None if bias is None else bias.to(out_dtype))
+        return _cutlass_scaled_mm(_vllm_ops(), q, w, s_tok, s_ch, bias, out_dtype)
     if kernel == "triton_int8":
         from .int8_gemm import int8_linear
         return int8_linear(q, w, s_tok, s_ch, bias, out_dtype)
@@ -84,12 +84,16 @@ def stock_w8a8_linear(x: torch.Tensor, w: torch.Tensor, s_ch: torch.Tensor, bias
     bucket is dense costs the host and the GPU what the dense checkpoint's layer costs (through a
     custom op of ours it cost about 0.1 ms of host time more per layer, which shows wherever a step
     runs outside a CUDA graph and the host is the bottleneck). Call bind_stock_ops() first."""
-    from ..core.quant import quantize_rows
     ops = _STOCK_OPS
     if act_dtype == "int8":
         q, s_tok, _ = ops.scaled_int8_quant(x.contiguous(), None, None, symmetric=True)
     else:
         q, s_tok = quantize_rows(x, act_dtype)
-        s_tok = s_tok.view(-1, 1)
-    return ops.cutlass_scaled_mm(q, w.t(), scale_a=s_tok, scale_b=s_ch.view(-1, 1), out_dtype=out_dtype,
-                                 bias=None if bias is None else bias.to(out_dtype))
+    return _cutlass_scaled_mm(ops, q, w, s_tok, s_ch, bias, out_dtype)
+
+
+def _cutlass_scaled_mm(ops, q, w, s_tok, s_ch, bias, out_dtype):
+    # vLLM's CUTLASS GEMM takes the weight column-major ([N, K] row-major, transposed) and the
+    # scales as [M, 1] and [N, 1]
+    return ops.cutlass_scaled_mm(q, w.t(), scale_a=s_tok.view(-1, 1), scale_b=s_ch.view(-1, 1),
+                                 out_dtype=out_dtype, bias=None if bias is None else bias.to(out_dtype))

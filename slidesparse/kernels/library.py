@@ -5,8 +5,8 @@
 
 `torch.library.custom_op` routes every call through an autograd wrapper and checks that no output
 aliases an input: on this repository's CPU machine a call with the linear's 14 arguments took
-61 us, against 19 us for the same Python function registered with `torch.library.Library` (and
-3 us for an aten op). Outside CUDA graphs (vLLM replays graphs only up to its largest capture
+33 us, against 13 us for the same Python function registered with `torch.library.Library` (and
+2 us for an aten op; tools/bench_op_overhead.py, results/cpu/op_overhead.txt). Outside CUDA graphs (vLLM replays graphs only up to its largest capture
 size, 512 tokens by default) each layer's op call is host time on the step's critical path: on
 the H200 a Llama-3.2-1B prefill step at 1024-4096 tokens runs host-bound, and our layers cost
 about 0.1 ms of host time each more than stock vLLM's (results/H200/matrix_session_2026-12-02f).
@@ -24,20 +24,15 @@ _LIBS: dict[str, torch.library.Library] = {}
 
 
 class Op:
-    """What @op returns: call it like the function (through the dispatcher), add its fake."""
+    """What @op returns: the op is called as torch.ops.NS.NAME; this only takes its fake."""
 
     def __init__(self, qualname: str, lib: torch.library.Library):
         self.qualname = qualname
         self._lib = lib
-        ns, name = qualname.split("::")
-        self._packet = getattr(getattr(torch.ops, ns), name)
 
     def register_fake(self, fake):
         torch.library.register_fake(self.qualname, fake, lib=self._lib)
         return fake
-
-    def __call__(self, *args, **kwargs):
-        return self._packet(*args, **kwargs)
 
 
 def op(qualname: str):
