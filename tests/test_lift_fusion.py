@@ -251,9 +251,11 @@ def test_install_adds_the_pass_once_and_yields_to_a_foreign_one(monkeypatch):
     monkeypatch.setenv(lift_fusion.ENV, "1")
     c = Cfg({})
     assert lift_fusion.install(c) is None
-    first = c.inductor_compile_config[lift_fusion.KEY]
-    assert isinstance(first, lift_fusion.LiftFusionPass)
-    assert lift_fusion.install(c) is None and c.inductor_compile_config[lift_fusion.KEY] is first
+    holder = c.inductor_compile_config[lift_fusion.KEY]
+    first = holder.get(lift_fusion.LiftFusionPass)
+    assert isinstance(first, lift_fusion.LiftFusionPass) and len(holder.passes) == 1
+    assert lift_fusion.install(c) is None and c.inductor_compile_config[lift_fusion.KEY] is holder
+    assert holder.passes == [first]
     assert "another" in lift_fusion.install(Cfg({lift_fusion.KEY: object()}))
     for off in ("0", None):  # opt-in: unset is off
         if off is None:

@@ -120,6 +120,10 @@ class TuningTable:
         object.__setattr__(self, "entries", tuple(self.entries))
         object.__setattr__(self, "_by_shape", {k: tuple(v) for k, v in by_shape.items()})
 
+    def shapes(self, dtype: str | None = None) -> list[tuple[int, int, str]]:
+        """The (N, K', dtype) the table knows, sorted (of one dtype if given)."""
+        return sorted(k for k in self._by_shape if dtype is None or k[2] == dtype)
+
     def buckets(self, n: int, k_lifted: int, dtype: str) -> tuple[TuningEntry, ...]:
         """One layer shape's entries, ascending m_max (empty if the shape was not tuned)."""
         return self._by_shape.get((n, k_lifted, dtype), ())

@@ -12,6 +12,7 @@ the shard id as tensor.shard_id instead) and maybe_update_config(model_dir, ...)
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Any
@@ -26,10 +27,12 @@ from ..core.layout import TARGET_MODULES, IgnoreRule
 from ..core.pattern import unpack
 from ..core.quant import DTYPES
 from ..core.tuning import TuningTable
-from . import lift_fusion
+from . import bucket_ranges, lift_fusion
 from .backends import Backend, SlidWeight, select_backend
 from .sharding import LayerShards, make_loader
 from .validate import validate_checkpoint
+
+_log = logging.getLogger("vllm.slidesparse")  # under vLLM's logger: its handlers show it
 
 ENV_TUNING = "SLIDESPARSE_TUNING"  # a tuning file that overrides the checkpoint's own
 
@@ -46,7 +49,7 @@ class SlideSparseQuantConfig(QuantizationConfig):
         # at config time; the config travels to vLLM's engine and worker processes with it
         self.tuning: TuningTable | None = None
         self._backends: dict[tuple, Backend] = {}  # one instance per device and dtype, for this model
-        self._lift_fusion_done = False
+        self._passes_done = False
 
     def __repr__(self) -> str:
         return f"SlideSparseQuantConfig({self.cfg.sparsity}, {self.cfg.weight_dtype}, act={self.cfg.activation_dtype})"
@@ -102,21 +105,33 @@ class SlideSparseQuantConfig(QuantizationConfig):
         if not all(converted):
             raise FormatError(f"{prefix} fuses {', '.join(names)}, but the checkpoint converted only some of them; "
                               "SlideSparse needs all projections of a fused layer converted or all ignored")
-        self._install_lift_fusion()
+        self._install_passes()
         return SlideSparseLinearMethod(self, names)
 
-    def _install_lift_fusion(self) -> None:
-        """Lifted patterns with quantized activations: add runtime/lift_fusion.py's pass to the
-        compilation config vLLM is building this model with (its backend copies the config after
-        the model is constructed). Once per model; CUDA only (the fused kernels are Triton)."""
-        if self._lift_fusion_done or self.cfg.activation_dtype is None or self.cfg.pattern.L == 4:
+    def _install_passes(self) -> None:
+        """Quantized activations: add the plugin's post-grad passes to the compilation config vLLM
+        is building this model with (its backend copies the config after the model is constructed),
+        once per model, CUDA only: the bucket-range specialization where the tuning table mixes
+        dense and sparse buckets (runtime/bucket_ranges.py), the lift fusion for lifted patterns
+        when opted in (runtime/lift_fusion.py; its fused kernels are Triton)."""
+        if self._passes_done or self.cfg.activation_dtype is None:
             return
-        self._lift_fusion_done = True
+        self._passes_done = True
         from vllm.platforms import current_platform
         if not current_platform.is_cuda():
             return
         from vllm.config import get_current_vllm_config
-        why = lift_fusion.install(get_current_vllm_config().compilation_config)
+        cc = get_current_vllm_config().compilation_config
+        if self.tuning is not None:
+            from .cusparselt_backend import bucket_plan
+            dt = self.cfg.weight_dtype
+            why = bucket_ranges.install(cc, [bucket_plan(self.tuning, n, kl, dt)[0]
+                                             for n, kl, _ in self.tuning.shapes(dt)])
+            _log.info("slidesparse: compile-range endpoints %s (%s)", cc.compile_ranges_endpoints,
+                      why or "dense buckets outside CUDA graphs run as stock vLLM's layer")
+        if self.cfg.pattern.L == 4:
+            return
+        why = lift_fusion.install(cc)
         if why and lift_fusion.lift_fusion_enabled():
             warnings.warn(f"slidesparse: the lift-fusion pass is not installed ({why}); lifted layers run "
                           f"quantization and the lift as one kernel after their producer")

@@ -42,8 +42,10 @@ from pathlib import Path
 import torch
 from torch import fx
 
+from . import post_grad
+from .post_grad import KEY, pass_base  # noqa: F401  (KEY: the slot, for callers)
+
 ENV = "SLIDESPARSE_LIFT_FUSION"
-KEY = "post_grad_custom_post_pass"
 
 _log = logging.getLogger("vllm.slidesparse.lift_fusion")  # under vLLM's logger: its handlers show it
 
@@ -70,16 +72,6 @@ def form_mismatch(policy: str | None) -> str | None:
             return (f"the tuning table was measured with lift fusion {other}, this run has {form_text()} "
                     f"({ENV}); re-run `slidesparse tune` with the setting you serve with")
     return None
-
-
-def _pass_base():
-    # vLLM's pass manager accepts only its own InductorPass subclasses
-    try:
-        from vllm.compilation.passes.inductor_pass import InductorPass
-        return InductorPass
-    except Exception:  # noqa: BLE001  (no vLLM, or one without that module: plain Inductor)
-        from torch._inductor.custom_graph_pass import CustomGraphPass
-        return CustomGraphPass
 
 
 def _packet(node) -> object:
@@ -222,7 +214,7 @@ def _match_silu_mul(x):
     return None
 
 
-class LiftFusionPass(_pass_base()):
+class LiftFusionPass(pass_base()):
     """Post-grad pass (see the module docstring). Counts what it did on `last`."""
 
     def __init__(self) -> None:
@@ -343,15 +335,8 @@ def _erase_dead(graph: fx.Graph, start: fx.Node) -> None:
 
 
 def install(compilation_config) -> str | None:
-    """Put the pass into vLLM's compilation config (before the model's backend copies it). Returns
-    why it is not installed, or None."""
+    """Put the pass into vLLM's compilation config (runtime/post_grad.py). Returns why it is not
+    installed, or None."""
     if not lift_fusion_enabled():
         return f"{ENV} is not 1 (the fused form is opt-in)"
-    cfg = compilation_config.inductor_compile_config
-    cur = cfg.get(KEY)
-    if isinstance(cur, LiftFusionPass):
-        return None
-    if cur is not None:
-        return f"another {KEY} is configured ({type(cur).__name__})"
-    cfg[KEY] = LiftFusionPass()
-    return None
+    return post_grad.install(compilation_config, LiftFusionPass())

@@ -342,6 +342,35 @@ def test_a_layer_dense_at_every_m_traces_to_stock_vllms_ops(L, wdtype):
         assert any("sparse_linear_codes" in t for t in ours), seen
 
 
+@pytest.mark.parametrize("wdtype", ("int8", "fp8_e4m3"))
+def test_a_dense_compile_range_runs_stock_cutlass_scaled_mm_bit_for_bit(wdtype):
+    """runtime/bucket_ranges.py with the real op: a mixed layer (sparse up to 512, dense to 4096,
+    sparse above) compiled for the range 513-4096 has no op of ours and gives the bits the op's
+    dense bucket gives; a range that meets a sparse bucket keeps the op."""
+    from slidesparse.runtime import bucket_ranges as br
+    mm = br.stock_mm_op()
+    if mm is None:
+        pytest.skip("stock vLLM's cutlass_scaled_mm is not importable here (install the vLLM bundle)")
+    n, k, sp = 3072, 2048, "2_8"
+    kl = parse_pattern(sp).lifted_k(k)
+    table = TuningTable.from_dict({"format_version": 1, "entries": [
+        {"n": n, "k_lifted": kl, "dtype": wdtype, "m_max": m, "backend": b, "alg_id": 0}
+        for m, b in ((512, "sparse"), (4096, "dense"), (65536, "sparse"))]})
+    be, layer, q, scale, bias, act = _backend_layer(n, k, sp, wdtype, 97, tuning=table)
+    outs = {}
+    for rng in ((513, 4096), (1, 65536)):
+        p = br.BucketRangePass(mm, m_range=rng)
+        torch._dynamo.reset()
+        f = torch.compile(lambda x: be.apply(layer, x, bias), dynamic=True, fullgraph=True,
+                          options={"post_grad_custom_post_pass": p, "fx_graph_cache": False})
+        outs[rng] = [f(_x(m, k, 101 + m)) for m in (600, 4096)]
+        assert p.last == ({"stock": 1, "kept": 0} if rng[0] == 513 else {"stock": 0, "kept": 1}), (rng, p.last)
+    for a, b, m in zip(outs[(513, 4096)], outs[(1, 65536)], (600, 4096)):
+        assert torch.equal(a, b), m
+        exact = ref.linear_ref(_x(m, k, 101 + m), q, scale, bias, act, compute_dtype=torch.float64)
+        assert _rel(a, exact) < 6e-3, m
+
+
 @pytest.mark.parametrize("m", (1, 7, 255, 4096))
 def test_triton_int8_gemm(m):
     from slidesparse.kernels.int8_gemm import int8_linear
