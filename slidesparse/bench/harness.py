@@ -14,7 +14,7 @@ vLLM replays CUDA graphs only for steps of up to its largest capture size (GRAPH
 default); larger steps launch the compiled code from Python, so there a layer costs its host time
 where that exceeds its GPU time. On the H200 a Llama-3.2-1B prefill step at 1024-4096 tokens is
 host-bound, and layers that CUDA-graph replays timed as faster than dense made it slower
-(results/H200/matrix_session_2026-12-02f); timing such M from back-to-back launches sees that.
+(results/H200/history/matrix_session_2026-12-02f); timing such M from back-to-back launches sees that.
 
 The producer and consumer matter: in vLLM, Inductor fuses the layer's per-token quantization into
 the kernel that computes x (RMSNorm, SiLU*mul) and, where every bucket is sparse, its dequant into

@@ -9,7 +9,7 @@ aliases an input: on this repository's CPU machine a call with the linear's 14 a
 2 us for an aten op; tools/bench_op_overhead.py, results/cpu/op_overhead.txt). Outside CUDA graphs (vLLM replays graphs only up to its largest capture
 size, 512 tokens by default) each layer's op call is host time on the step's critical path: on
 the H200 a Llama-3.2-1B prefill step at 1024-4096 tokens runs host-bound, and our layers cost
-about 0.1 ms of host time each more than stock vLLM's (results/H200/matrix_session_2026-12-02f).
+about 0.1 ms of host time each more than stock vLLM's (results/H200/history/matrix_session_2026-12-02f).
 So the ops are defined as vLLM defines its own (`direct_register_custom_op`): the schema, one
 implementation for the CPU and CUDA keys, a fake; no autograd (inference only).
 """
