@@ -15,6 +15,7 @@
 # engine-to-engine variance is NAME#E in VARIANTS); fusion (tools/gpu_fused_lift_bench.py, then prefill
 # profiles of FUSION_VARIANT, 2_8-fp8, with every bucket sparse, the lift fusion on and off); profile
 # (tools/gpu_profile_vllm.py, prefill and decode traces of PROFILE_VARIANTS);
+# hostcost (tools/gpu_host_cost.py: where one layer call's host time goes, three shapes);
 # bench (`slidesparse bench kernel`); gemm (tools/gpu_gemm_compare.py: the GEMM with its epilogue
 # against vLLM's CUTLASS dense, torch._scaled_mm, cuSPARSELt, torchao's CUTLASS 2:4 kernel when
 # .whl/ holds its wheel, and SlideSparse's CUTLASS kernel); gemm010 (the same problems on
@@ -37,7 +38,7 @@ RES=${RES:-/root/res}
 MODELS=${MODELS:-/root/models}
 PRESET=${PRESET:-qwen2.5-7b}
 VARIANTS=${VARIANTS:-fp8,2_8-fp8,2_4-fp8,int8,2_8-int8}
-STAGES=${STAGES:-tests sparsegpt tune fusion e2e e2e_b profile bench gemm gemm010}
+STAGES=${STAGES:-tests sparsegpt tune fusion e2e e2e_b profile hostcost bench gemm gemm010}
 OBJ_VARIANTS=${OBJ_VARIANTS:-2_8-fp8}
 PROFILE_VARIANTS=${PROFILE_VARIANTS:-fp8,2_8-fp8}
 mkdir -p "$RES" "$MODELS"
@@ -72,14 +73,14 @@ python3 -c 'import torch, triton, vllm; print("torch", torch.__version__, "trito
     [[ $v == *#* ]] && continue   # a repeat engine of another variant's checkpoint
     d=$(ckpt "$v"); [ -f "$d/config.json" ] || [ -z "$d" ] || todo+=("$v")
   done
-  # the conversions share the cores: each with all of them (torch's default) ran ten Llama-3.2-1B
-  # conversions in 130-180 s each on the 16-core host, where one alone takes seconds
-  threads=$(( $(nproc) / (${#todo[@]} > 0 ? ${#todo[@]} : 1) )); [ $threads -ge 1 ] || threads=1
+  # one conversion at a time, each with every core: ten Llama-3.2-1B conversions side by side took
+  # 130-180 s each with torch's default threads, and 360-384 s each with the cores split between
+  # them (2026-12-02), where one alone takes about 15 s on a 2-core CPU
   for v in "${todo[@]}"; do
     d=$(ckpt "$v")
     case $v in
-      fp8|int8) OMP_NUM_THREADS=$threads ss convert "$base" "$d" --sparsity none --format compressed-tensors --dtype "$v" --overwrite & ;;
-      *-*)      OMP_NUM_THREADS=$threads ss convert "$base" "$d" --sparsity "${v%-*}" --dtype "${v#*-}" --overwrite & ;;
+      fp8|int8) ss convert "$base" "$d" --sparsity none --format compressed-tensors --dtype "$v" --overwrite ;;
+      *-*)      ss convert "$base" "$d" --sparsity "${v%-*}" --dtype "${v#*-}" --overwrite ;;
     esac
   done
   wait
@@ -211,6 +212,14 @@ if [[ " $STAGES " == *" profile "* ]]; then
   done
 fi
 
+if [[ " $STAGES " == *" hostcost "* ]]; then
+  say "host cost of one layer call (tools/gpu_host_cost.py)"
+  for shape in "2048 2048 2_4 fp8_e4m3" "2048 8192 2_4 int8" "3072 2048 2_8 fp8_e4m3"; do
+    set -- $shape
+    timeout 300 python3 tools/gpu_host_cost.py --n $1 --k $2 --sparsity $3 --dtype $4 >> "$RES/host_cost.txt" 2>&1
+  done
+  say "hostcost: exit $?"
+fi
 if [[ " $STAGES " == *" bench "* ]]; then
   say "kernel bench"
   timeout -s INT -k 20 ${BENCH_TIMEOUT:-420} python3 -m slidesparse.cli bench kernel --presets "$PRESET" --m "${BENCH_M:-256,16384}" \
