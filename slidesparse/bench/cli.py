@@ -171,6 +171,10 @@ def e2e(
     tune: Optional[bool] = typer.Option(None, "--tune/--no-tune", help=f"{_MATRIX}: `slidesparse tune` SlideSparse "
                                         "checkpoints that are not tuned (default: when a GPU is present)"),
     repeats: int = typer.Option(3, help=f"{_MATRIX}: timed run pairs per point (median kept)"),
+    max_repeats: int = typer.Option(9, help=f"{_MATRIX}: more pairs, up to this many, while the point is noisy "
+                                            "(--target-mad)"),
+    target_mad: float = typer.Option(0.03, help=f"{_MATRIX}: a point is settled when the median absolute deviation "
+                                                "of its per-step times is at most this fraction of their median"),
     min_window: float = typer.Option(0.5, help=f"{_MATRIX}: prefill: seconds of steps between the two runs"),
     min_steps: int = typer.Option(6, help=f"{_MATRIX}: prefill: at least this many steps between them"),
     max_steps: int = typer.Option(256, help=f"{_MATRIX}: prefill: at most this many steps between them"),
@@ -214,7 +218,8 @@ def e2e(
 
 def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base, delete_after, delete_base,
                 prepare_ahead, standby, tune,
-                repeats, min_window, min_steps, max_steps, decode_steps, decode_warm_steps, prefill_len, decode_prompt_len,
+                repeats, max_repeats, target_mad, min_window, min_steps, max_steps, decode_steps, decode_warm_steps,
+                prefill_len, decode_prompt_len,
                 engine_arg, enforce_eager, startup_timeout, point_timeout, retry_failed, crosscheck,
                 crosscheck_prefill_m, crosscheck_decode_m, report_only, dry_run):
     import json
@@ -245,7 +250,8 @@ def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base
             except ValueError:
                 eargs[k.strip()] = val
         settings = mx.Settings(prefill_len=prefill_len, decode_prompt_len=decode_prompt_len, decode_steps=decode_steps,
-                               decode_warm_steps=decode_warm_steps, repeats=repeats, min_window_s=min_window,
+                               decode_warm_steps=decode_warm_steps, repeats=repeats, max_repeats=max_repeats,
+                               target_mad=target_mad, min_window_s=min_window,
                                min_steps=min_steps, max_steps=max_steps, enforce_eager=enforce_eager, engine_args=eargs)
         cc = []
         if crosscheck:

@@ -144,6 +144,11 @@ class Settings:
     decode_steps: int = 256        # decode steps in the timed difference (the window)
     decode_warm_steps: int = 8     # decode steps of the short run (its context is where the window starts)
     repeats: int = 3
+    # more pairs, up to max_repeats, while the per-step times' median absolute deviation is above
+    # target_mad of their median: host-bound 1B points on the H200 had single outlier runs (one of
+    # three at 27 ms against 12-16 ms), which a median of three does not absorb
+    max_repeats: int = 9
+    target_mad: float = 0.03
     min_window_s: float = 0.5      # prefill: the timed difference covers at least this long
     min_steps: int = 6             # prefill: ... and at least this many steps (two, the old floor, read 3-5%
                                    # spreads at M >= 16384 on the H200, where a step is 0.2-1 s)
@@ -158,6 +163,10 @@ class Settings:
         for name in ("prefill_len", "decode_prompt_len", "decode_steps", "repeats", "min_steps", "max_steps"):
             if getattr(self, name) < 1:
                 raise MatrixError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_repeats < self.repeats:
+            raise MatrixError(f"--max-repeats ({self.max_repeats}) is less than --repeats ({self.repeats})")
+        if not 0 <= self.target_mad < 1:
+            raise MatrixError(f"--target-mad must be in [0, 1), got {self.target_mad}")
         if self.min_steps > self.max_steps:
             raise MatrixError(f"--min-steps ({self.min_steps}) is more than --max-steps ({self.max_steps})")
         if self.decode_warm_steps < 1:
@@ -1063,7 +1072,7 @@ def markdown(records: list[dict]) -> str:
                 f"Settings: prefill prompts of min(M, {d['prefill_len']}) tokens, 1 output token, every step exactly M "
                 f"prompt tokens; decode prompts of {d['decode_prompt_len']} tokens, window of {d['decode_steps']} "
                 f"steps after {d['decode_warm_steps']}; per-step time = difference of two runs, median of "
-                f"{d['repeats']}; engine args {d['engine_args'] or 'default'}"
+                f"{_repeats_text(d)}; engine args {d['engine_args'] or 'default'}"
                 f"{'; enforce_eager (not a GPU setting)' if d.get('enforce_eager') else ''}.")
     beside = sorted({f"{r['model']} {r['variant']}" for r in latest(records, "point").values() if r.get("concurrent_prepare")})
     if beside:
@@ -1132,6 +1141,13 @@ def markdown(records: list[dict]) -> str:
     if sessions:
         lines += ["## Commands", ""] + [f"- {r['time']}: `{r['argv']}`" for r in sessions] + [""]
     return "\n".join(lines)
+
+
+def _repeats_text(d: dict) -> str:
+    lo, hi = d["repeats"], d.get("max_repeats") or d["repeats"]
+    if hi == lo:
+        return str(lo)
+    return f"{lo}-{hi} (more while the median absolute deviation is above {d.get('target_mad', 0):.0%} of the median)"
 
 
 def _repeats(rows: list[dict]) -> list[str]:

@@ -20,8 +20,10 @@ generating T tokens: one prefill step, then T-1 steps of exactly M sequences.
 
 The per-step time is a difference of two runs, s1 and s2 steps (prefill) or T1 and T2 tokens
 (decode): t(s2) - t(s1) over s2 - s1 steps. What both runs share (request set-up, the prefill
-step of a decode run, the pipeline filling and draining) cancels. The pair is repeated and the
-median kept; the spread is recorded.
+step of a decode run, the pipeline filling and draining) cancels. The pair is repeated (at least
+`repeats` times; more, up to `max_repeats`, while the per-step times' median absolute deviation is
+above `target_mad` of their median: host-bound steps on a small model have outlier runs) and the
+median kept; the spread and the relative deviation are recorded.
 
 Every run is checked against vLLM's own statistics (Prometheus, through LLM.get_metrics()):
 the iteration-tokens histogram (one observation per engine step: prompt tokens computed + tokens
@@ -107,6 +109,28 @@ class SweepScheduler:
 # ---------------------------------------------------------------- metrics
 
 HIST = "vllm:iteration_tokens_total"
+
+
+def mad(xs: list[float]) -> float:
+    """Median absolute deviation from the median."""
+    med = statistics.median(xs)
+    return statistics.median(abs(x - med) for x in xs)
+
+
+def timed_pairs(run, s1: int, delta: int, repeats: int, max_repeats: int, target_mad: float):
+    """Per-step times from pairs of runs of s1 and s1 + delta steps ((t2 - t1) / delta), at least
+    `repeats` pairs, and more, up to `max_repeats`, while their MAD exceeds target_mad x median.
+    Returns (per_step, t1s, t2s)."""
+    per_step, t1s, t2s = [], [], []
+    while True:
+        t1 = run(s1)
+        t2 = run(s1 + delta)
+        t1s.append(t1)
+        t2s.append(t2)
+        per_step.append((t2 - t1) / delta)
+        n = len(per_step)
+        if n >= repeats and (n >= max_repeats or mad(per_step) <= target_mad * abs(statistics.median(per_step))):
+            return per_step, t1s, t2s
 
 
 def _metrics(llm) -> dict:
@@ -235,19 +259,16 @@ class Sweep:
             est = max(warm / (s1 + 2), 1e-6)
             window = -(-self.spec["min_window_s"] // est)
             delta = int(min(self.spec["max_steps"], max(self.spec["min_steps"], window)))
-        per_step, t1s, t2s = [], [], []
-        for _ in range(self.spec["repeats"]):
-            t1 = run(s1, checks)
-            t2 = run(s1 + delta, checks)
-            t1s.append(t1)
-            t2s.append(t2)
-            per_step.append((t2 - t1) / delta)
+        per_step, t1s, t2s = timed_pairs(lambda steps: run(steps, checks), s1, delta, self.spec["repeats"],
+                                         self.spec.get("max_repeats") or self.spec["repeats"],
+                                         self.spec.get("target_mad") or 0.0)
         bad = [p for c in checks if not c["ok"] for p in c["problems"]]
         med = statistics.median(per_step)
         rec = {"phase": phase, "m": m, "seqs_per_step": seqs, "prompt_len": prompt_len,
                "steps_short": s1, "steps_long": s1 + delta, "step_s": med, "step_s_all": per_step,
                "run_s_short": t1s, "run_s_long": t2s,
                "spread": (max(per_step) - min(per_step)) / med if med > 0 else None,
+               "mad": mad(per_step) / med if med > 0 else None,
                "checked_runs": len(checks), "steps_checked": sum(c["steps"] for c in checks)}
         if phase == "decode":
             rec["context"] = [prompt_len + s1 + 1, prompt_len + s1 + delta + 1]
