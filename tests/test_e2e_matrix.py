@@ -642,7 +642,7 @@ def test_matrix_sweep_in_vllm_cpu_checks_tokens_per_step(tmp_path):
     out, models = tmp_path / "out", tmp_path / "models"
     args = [PY, "-m", "slidesparse.cli", "bench", "e2e", "--matrix", "--models", "tiny-llama", "--variants", "bf16,2_8-int8",
             "--prefill-m", "128,256", "--decode-m", "4", "--prefill-len", "128", "--decode-steps", "8",
-            "--decode-warm-steps", "2", "--repeats", "2", "--min-window", "0.1", "--max-steps", "16",
+            "--decode-warm-steps", "2", "--repeats", "2", "--max-repeats", "2", "--min-window", "0.1", "--max-steps", "16",
             "--enforce-eager", "--engine-arg", "dtype=float32", "--ckpt-dir", str(models), "--out", str(out),
             "--crosscheck", "--crosscheck-prefill-m", "0", "--crosscheck-decode-m", "4"]
     p = subprocess.run(args, capture_output=True, text=True, timeout=900, env=_env())
@@ -690,7 +690,7 @@ def test_step_check_fails_under_the_stock_scheduler(tmp_path):
     make_model("tiny-llama", tmp_path / "src")
     convert(tmp_path / "src", tmp_path / "ck", sparsity="2_8", dtype="int8")
     spec = {"model": str(tmp_path / "ck"), "points": [{"phase": "decode", "m": 8}, {"phase": "prefill", "m": 256}],
-            **mx.Settings(prefill_len=128, decode_steps=8, decode_warm_steps=2, repeats=1, min_window_s=0.1,
+            **mx.Settings(prefill_len=128, decode_steps=8, decode_warm_steps=2, repeats=1, max_repeats=1, min_window_s=0.1,
                           max_steps=16, enforce_eager=True, engine_args={"dtype": "float32"}).key(),
             "stock_scheduler": True}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
