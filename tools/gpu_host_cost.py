@@ -42,7 +42,7 @@ def main() -> None:
     from slidesparse.core.tuning import MAX_M
     from slidesparse.kernels import cutlass_sparse as cs
     from slidesparse.kernels import sparse_linear as sl
-    from slidesparse.kernels.dense import _vllm_ops, dense_kernel
+    from slidesparse.kernels.dense import dense_kernel, dense_scaled_mm
 
     if dense_kernel(a.dtype, "cuda") != "vllm_cutlass":
         raise SystemExit("gpu_host_cost: needs CUDA and vLLM importable (stock cutlass_scaled_mm)")
@@ -74,11 +74,9 @@ def main() -> None:
     xl = lift_codes(codes, a.sparsity, cs.K_ALIGN, 1)
     rows.append(("scaled_sparse_mm (checks + ctypes)",
                  launch_time_ms(lambda: cs.scaled_sparse_mm(xl, cw, s_tok, L.ss_w_scale, None, torch.bfloat16, cfg))))
-    ops = _vllm_ops()
-    wd = layer_d.ss_w_dense
-    rows.append(("vLLM cutlass_scaled_mm (Python wrapper + op)",
-                 launch_time_ms(lambda: ops.cutlass_scaled_mm(codes, wd.t(), s_tok.view(-1, 1),
-                                                              layer_d.ss_w_scale.view(-1, 1), torch.bfloat16))))
+    rows.append(("vLLM cutlass_scaled_mm (kernels/dense.py's call)",
+                 launch_time_ms(lambda: dense_scaled_mm(codes, layer_d.ss_w_dense, s_tok, layer_d.ss_w_scale, None,
+                                                        torch.bfloat16, kernel="vllm_cutlass"))))
 
     print(f"# {torch.cuda.get_device_name()}, N={a.n} K={a.k} {a.sparsity} {a.dtype} M={a.m}, CUTLASS {cfg}")
     print("# us per call, back-to-back launches (host time where the host is the bottleneck)")

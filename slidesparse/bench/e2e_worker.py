@@ -260,8 +260,7 @@ class Sweep:
             window = -(-self.spec["min_window_s"] // est)
             delta = int(min(self.spec["max_steps"], max(self.spec["min_steps"], window)))
         per_step, t1s, t2s = timed_pairs(lambda steps: run(steps, checks), s1, delta, self.spec["repeats"],
-                                         self.spec.get("max_repeats") or self.spec["repeats"],
-                                         self.spec.get("target_mad") or 0.0)
+                                         self.spec["max_repeats"], self.spec["target_mad"])
         bad = [p for c in checks if not c["ok"] for p in c["problems"]]
         med = statistics.median(per_step)
         rec = {"phase": phase, "m": m, "seqs_per_step": seqs, "prompt_len": prompt_len,

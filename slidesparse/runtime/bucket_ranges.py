@@ -34,6 +34,7 @@ from torch import fx
 
 from ..kernels import sparse_linear as sl
 from . import post_grad
+from .post_grad import val as _val
 
 _log = logging.getLogger("vllm.slidesparse.bucket_ranges")  # under vLLM's logger: its handlers show it
 
@@ -80,14 +81,13 @@ def endpoints(plans, graph_max: int, current: list[int] | None) -> list[int]:
 
 
 def _vllm_range() -> tuple[int, int] | None:
-    for mod in ("vllm.compilation.passes.inductor_pass", "vllm.compilation.inductor_pass"):
-        try:
-            get = __import__(mod, fromlist=["get_pass_context"]).get_pass_context
-            r = get().compile_range
-            return int(r.start), int(r.end)
-        except Exception:  # noqa: BLE001  (no vLLM, no context: nothing to specialize for)
-            continue
-    return None
+    """The (start, end) rows of the compile range vLLM's pass manager is compiling, or None."""
+    mod = post_grad.vllm_pass_module()
+    try:
+        r = mod.get_pass_context().compile_range
+        return int(r.start), int(r.end)
+    except Exception:  # noqa: BLE001  (no vLLM, no context: nothing to specialize for)
+        return None
 
 
 class BucketRangePass(post_grad.pass_base()):
@@ -128,11 +128,11 @@ class BucketRangePass(post_grad.pass_base()):
         if a is None or not dense_over(list(a["plan"]), *_rows(a["codes"], rng)):
             return False
         codes, s_tok, w_dense, w_scale, bias = a["codes"], a["s_tok"], a["w_dense"], a["w_scale"], a["bias"]
-        out_val = node.meta.get("val")
+        out_val = _val(node)
         if not isinstance(w_dense, fx.Node) or out_val is None:
             return False
         out_dtype = a["out_dtype"]
-        fake = out_val.fake_mode if hasattr(out_val, "fake_mode") else None
+        fake = post_grad.fake_mode(node.args)
         with graph.inserting_before(node):
             def call(op, args, kwargs=None, val=None):
                 n = graph.call_function(op, args, kwargs or {})
@@ -172,10 +172,6 @@ def _named_args(node: fx.Node) -> dict | None:
     a = dict(zip(names, node.args))
     a.update(node.kwargs)
     return a if len(a) == len(names) else None
-
-
-def _val(n):
-    return n.meta.get("val") if isinstance(n, fx.Node) else n
 
 
 def _rows(codes: fx.Node, rng: tuple[int, int]) -> tuple[int, int]:

@@ -44,6 +44,7 @@ from torch import fx
 
 from . import post_grad
 from .post_grad import KEY, pass_base  # noqa: F401  (KEY: the slot, for callers)
+from .post_grad import arg_nodes as _nodes, fake_mode as _fake_mode, val as _val
 
 ENV = "SLIDESPARSE_LIFT_FUSION"
 
@@ -94,10 +95,6 @@ def _getitem_of(node, index: int):
             and node.args[1] == index:
         return node.args[0]
     return None
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def _is_2d(node) -> bool:
@@ -308,17 +305,6 @@ class LiftFusionPass(pass_base()):
         _erase_dead(graph, old_input)
         self._dequant += dequant
         return kind
-
-
-def _fake_mode(args):
-    from torch._guards import detect_fake_mode
-    return detect_fake_mode([v for v in map(_val, _nodes(args)) if isinstance(v, torch.Tensor)])
-
-
-def _nodes(args):
-    out = []
-    fx.node.map_arg(args, out.append)
-    return out
 
 
 def _erase_dead(graph: fx.Graph, start: fx.Node) -> None:

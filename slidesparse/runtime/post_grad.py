@@ -9,24 +9,48 @@ holds a SlideSparsePostGrad that runs the ones installed, in a fixed order.
 from __future__ import annotations
 
 import hashlib
+import importlib
 
+import torch
 from torch import fx
 
 KEY = "post_grad_custom_post_pass"
 
 
-def pass_base():
-    # vLLM's pass manager accepts only its own InductorPass subclasses
-    try:
-        from vllm.compilation.passes.inductor_pass import InductorPass
-        return InductorPass
-    except Exception:  # noqa: BLE001  (no vLLM, or one without that module: plain Inductor)
+def vllm_pass_module():
+    """vLLM's inductor_pass module (InductorPass, get_pass_context), or None without vLLM."""
+    for name in ("vllm.compilation.passes.inductor_pass", "vllm.compilation.inductor_pass"):
         try:
-            from vllm.compilation.inductor_pass import InductorPass
-            return InductorPass
-        except Exception:  # noqa: BLE001
-            from torch._inductor.custom_graph_pass import CustomGraphPass
-            return CustomGraphPass
+            return importlib.import_module(name)
+        except Exception:  # noqa: BLE001  (no vLLM, or one without that module)
+            continue
+    return None
+
+
+def pass_base():
+    # vLLM's pass manager accepts only its own InductorPass subclasses; plain Inductor takes any
+    mod = vllm_pass_module()
+    if mod is not None and hasattr(mod, "InductorPass"):
+        return mod.InductorPass
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    return CustomGraphPass
+
+
+def val(node):
+    """A node's example value (a FakeTensor, a SymInt), None for anything else."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def arg_nodes(args) -> list:
+    out = []
+    fx.node.map_arg(args, out.append)
+    return out
+
+
+def fake_mode(args):
+    """The fake mode of the nodes in args (to compute new nodes' example values), or None."""
+    from torch._guards import detect_fake_mode
+    return detect_fake_mode([v for v in map(val, arg_nodes(args)) if isinstance(v, torch.Tensor)])
 
 
 class SlideSparsePostGrad(pass_base()):
