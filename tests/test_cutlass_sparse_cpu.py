@@ -211,3 +211,18 @@ def test_built_library_agrees_with_the_python_layout(fresh_module):
         w = cs.compress_packed(*pack(ws, "2_4"))
         assert lib.ss_values_bytes(n, w.k) == w.values.numel()
         assert lib.ss_meta_bytes(n, w.k) == w.meta.numel()
+
+
+def test_the_native_lift_is_asked_for_only_where_it_can_run():
+    """Without CUDA lift_available() says no (never raises), the GPU default falls back, and
+    asking for the native lift by name is a one-line error that says how to get it."""
+    from slidesparse.kernels.quant_slide import QuantSlideError, lift_codes
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU behaviour")
+    assert cs.lift_available() is False
+    q = torch.randint(-128, 128, (5, 48), dtype=torch.int8)
+    with pytest.raises(QuantSlideError, match="build_csrc.sh") as e:
+        lift_codes(q, "2_8", 64, 16, impl="native")
+    assert "\n" not in str(e.value)
+    with pytest.raises(QuantSlideError, match="unknown impl"):
+        lift_codes(q, "2_8", 64, 16, impl="cuda")

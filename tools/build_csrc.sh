@@ -91,6 +91,7 @@ if [ "$DRY" = 1 ]; then
     echo "$NVCC ${FLAGS[*]} -Xptxas -v -DSS_CFG_ID=$id -c $SRC/ss_instance.cu -o $OUT/obj/cfg_$id.o"
   done
   echo "$NVCC ${FLAGS[*]} -c $SRC/ss_api.cu -o $OUT/obj/api.o"
+  echo "$NVCC ${FLAGS[*]} -c $SRC/ss_lift.cu -o $OUT/obj/lift.o"
   echo "$NVCC -shared -o $OUT/libslidesparse_cutlass.so <objects> -L$CUDART_DIR -l:libcudart.so.13"
   exit 0
 fi
@@ -102,7 +103,11 @@ start=$(date +%s)
 compile_one() {  # $1: config id or "api"
   local what="$1" t0; t0=$(date +%s)
   # shellcheck disable=SC2086
-  if [ "$what" = api ]; then
+  if [ "$what" = lift ]; then
+    "$NVCC" $FLAGS_STR -Xptxas -v -c "$SRC/ss_lift.cu" -o "$OUT/obj/lift.o.tmp" 2> "$OUT/ptxas/lift.log" \
+      || { cat "$OUT/ptxas/lift.log" >&2; echo "FAILED lift" >&2; return 1; }
+    mv "$OUT/obj/lift.o.tmp" "$OUT/obj/lift.o"
+  elif [ "$what" = api ]; then
     "$NVCC" $FLAGS_STR -Xptxas -v -c "$SRC/ss_api.cu" -o "$OUT/obj/api.o.tmp" 2> "$OUT/ptxas/api.log" \
       || { cat "$OUT/ptxas/api.log" >&2; echo "FAILED api" >&2; return 1; }
     mv "$OUT/obj/api.o.tmp" "$OUT/obj/api.o"
@@ -114,11 +119,32 @@ compile_one() {  # $1: config id or "api"
   echo "  built $what in $(( $(date +%s) - t0 )) s"
 }
 export -f compile_one
-rm -f "$OUT"/obj/cfg_*.o
-{ echo api; printf '%s\n' "${IDS[@]}"; } | xargs -P "$JOBS" -I{} bash -c 'compile_one {}' \
-  || die "compilation failed (logs in $OUT/ptxas/)"
+# An object is rebuilt when it is missing, older than a source it includes, or built with other
+# flags or another toolchain (obj/flags.txt): a full build takes ~18 minutes on two cores, and
+# ss_api.cu or ss_lift.cu alone changes often.
+stamp="$NVCC|$CUTLASS_INCLUDE|$FLAGS_STR"
+if [ "$(cat "$OUT/obj/flags.txt" 2>/dev/null)" != "$stamp" ]; then rm -f "$OUT"/obj/*.o; fi
+stale() {  # $1: object, then its sources
+  local obj=$1; shift
+  [ -f "$obj" ] || return 0
+  for src in "$@"; do [ "$src" -nt "$obj" ] && return 0; done
+  return 1
+}
+common=("$SRC/ss_cutlass.h" "$SRC/ss_configs.h" "$SRC/ss_layout.cuh")
+todo=()
+stale "$OUT/obj/api.o" "$SRC/ss_api.cu" "${common[@]}" && todo+=(api)
+stale "$OUT/obj/lift.o" "$SRC/ss_lift.cu" "$SRC/ss_lift.h" "$SRC/ss_cutlass.h" && todo+=(lift)
+for id in "${IDS[@]}"; do
+  stale "$OUT/obj/cfg_$id.o" "$SRC/ss_instance.cu" "$SRC/ss_gemm.cuh" "${common[@]}" && todo+=("$id")
+done
+echo "objects to build: ${todo[*]:-none}"
+if [ ${#todo[@]} -gt 0 ]; then
+  printf '%s\n' "${todo[@]}" | xargs -P "$JOBS" -I{} bash -c 'compile_one {}' \
+    || die "compilation failed (logs in $OUT/ptxas/)"
+fi
+echo "$stamp" > "$OUT/obj/flags.txt"
 
-objs=("$OUT/obj/api.o")
+objs=("$OUT/obj/api.o" "$OUT/obj/lift.o")
 for id in "${IDS[@]}"; do objs+=("$OUT/obj/cfg_$id.o"); done
 "$NVCC" -shared -o "$OUT/libslidesparse_cutlass.so.tmp" "${objs[@]}" -L"$CUDART_DIR" -l:libcudart.so.13 \
   || die "link failed"

@@ -44,8 +44,9 @@ def main() -> None:
     from slidesparse.kernels import sparse_linear as sl
     from slidesparse.kernels.dense import dense_kernel, dense_scaled_mm
 
-    if dense_kernel(a.dtype, "cuda") != "vllm_cutlass":
-        raise SystemExit("gpu_host_cost: needs CUDA and vLLM importable (stock cutlass_scaled_mm)")
+    stock = dense_kernel(a.dtype, "cuda")  # vllm_cutlass when vLLM is importable
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_host_cost: needs CUDA")
     if cs.why_unavailable():
         raise SystemExit(f"gpu_host_cost: the CUTLASS library is not usable: {cs.why_unavailable()}")
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -57,7 +58,7 @@ def main() -> None:
 
     be_d, layer_d = prepare(w, DENSE_EVERYWHERE)
     f_d = traced_forward(be_d, layer_d)
-    rows.append(("compiled layer, all dense (stock)", launch_time_ms(lambda: f_d(x, res))))
+    rows.append((f"compiled layer, all dense ({stock})", launch_time_ms(lambda: f_d(x, res))))
     be_c, layer_c = prepare(w, [(MAX_M, "cutlass", 0, cfg)])
     f_c = traced_forward(be_c, layer_c)
     rows.append(("compiled layer, all CUTLASS (our op)", launch_time_ms(lambda: f_c(x, res))))
@@ -72,11 +73,21 @@ def main() -> None:
     cw = cs.CompressedWeight(values=L.ss_cw_values, meta=L.ss_cw_meta, n=L.ss_n, k=L.ss_cw_k)
     from slidesparse.kernels.quant_slide import lift_codes
     xl = lift_codes(codes, a.sparsity, cs.K_ALIGN, 1)
+    if a.sparsity != "2_4":
+        for impl in ("native", "triton"):
+            rows.append((f"lift_codes, {impl}",
+                         launch_time_ms(lambda: lift_codes(codes, a.sparsity, cs.K_ALIGN, 1, impl=impl))))
     rows.append(("scaled_sparse_mm (checks + ctypes)",
                  launch_time_ms(lambda: cs.scaled_sparse_mm(xl, cw, s_tok, L.ss_w_scale, None, torch.bfloat16, cfg))))
-    rows.append(("vLLM cutlass_scaled_mm (kernels/dense.py's call)",
+    rows.extend(_native_rows(cs, xl, cw, s_tok, L.ss_w_scale, cfg))
+    rows.append((f"dense GEMM call ({stock}, kernels/dense.py)",
                  launch_time_ms(lambda: dense_scaled_mm(codes, layer_d.ss_w_dense, s_tok, layer_d.ss_w_scale, None,
-                                                        torch.bfloat16, kernel="vllm_cutlass"))))
+                                                        torch.bfloat16))))
+    rows.append(("torch.empty(M, N) on CUDA", launch_time_ms(lambda: torch.empty(a.m, a.n, device="cuda"))))
+    rows.append(("torch.cuda.current_stream().cuda_stream",
+                 launch_time_ms(lambda: torch.cuda.current_stream().cuda_stream)))
+    noop = _noop_op()
+    rows.append(("dispatcher alone (same 14-argument schema, empty body)", launch_time_ms(lambda: noop(*op_args))))
 
     print(f"# {torch.cuda.get_device_name()}, N={a.n} K={a.k} {a.sparsity} {a.dtype} M={a.m}, CUTLASS {cfg}")
     print("# us per call, back-to-back launches (host time where the host is the bottleneck)")
@@ -92,6 +103,41 @@ def main() -> None:
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
     print("\n# cProfile of 2000 Python-body calls (own time; cProfile inflates small functions)")
     print(s.getvalue())
+
+
+def _native_rows(cs, xl, cw, s_tok, s_ch, cfg):
+    """ss_run alone, its arguments built once: the library's own host cost (CUTLASS's initialize,
+    the TMA descriptors, the launch)."""
+    import ctypes
+
+    from slidesparse.bench.harness import launch_time_ms
+    lib = cs._lib()
+    base, opts = cs._parse_config(cfg)
+    idx = lib.index[base]
+    m, n = xl.shape[0], cw.n
+    out = torch.empty(m, n, dtype=torch.bfloat16, device=xl.device)
+    args = cs._Args(xl.data_ptr(), cw.values.data_ptr(), cw.meta.data_ptr(), s_tok.data_ptr(), s_ch.data_ptr(), None,
+                    out.data_ptr(), m, n, cw.k, opts["mode"], opts["splits"], None, 0,
+                    torch.cuda.current_stream().cuda_stream, xl.device.index or 0, opts["swizzle"], opts["raster"])
+    size = ctypes.c_size_t(0)
+    lib.ss_workspace_size(idx, ctypes.byref(args), ctypes.byref(size))
+    ws = torch.empty(max(int(size.value), 1), dtype=torch.uint8, device=xl.device)
+    args.workspace, args.workspace_bytes = ws.data_ptr(), int(size.value)
+    ref = ctypes.byref(args)
+    return [("ss_run alone (prebuilt ctypes arguments)", launch_time_ms(lambda: lib.ss_run(idx, ref)))]
+
+
+def _noop_op():
+    """An op with sparse_linear_codes's schema whose body only allocates: the dispatcher's share."""
+    from slidesparse.kernels.library import op
+
+    @op("sshostcost::noop14")
+    def noop14(codes: torch.Tensor, s_tok: torch.Tensor, w_compressed: torch.Tensor | None, w_scale: torch.Tensor,
+               bias: torch.Tensor | None, w_dense: torch.Tensor | None, n: int, sparsity: str, plan: list[int],
+               out_dtype: torch.dtype, cw_values: torch.Tensor | None, cw_meta: torch.Tensor | None, cw_k: int,
+               cutlass_configs: str) -> torch.Tensor:
+        return codes.new_empty(0)
+    return torch.ops.sshostcost.noop14
 
 
 if __name__ == "__main__":

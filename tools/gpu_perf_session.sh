@@ -214,9 +214,9 @@ fi
 
 if [[ " $STAGES " == *" hostcost "* ]]; then
   say "host cost of one layer call (tools/gpu_host_cost.py)"
-  for shape in "2048 2048 2_4 fp8_e4m3" "2048 8192 2_4 int8" "3072 2048 2_8 fp8_e4m3"; do
+  for shape in "2048 2048 2_4 fp8_e4m3" "2048 8192 2_4 int8" "3072 2048 2_8 fp8_e4m3"; do  # M=1024: above the CUDA graphs
     set -- $shape
-    timeout 300 python3 tools/gpu_host_cost.py --n $1 --k $2 --sparsity $3 --dtype $4 >> "$RES/host_cost.txt" 2>&1
+    timeout 300 python3 tools/gpu_host_cost.py --n $1 --k $2 --sparsity $3 --dtype $4 --m ${HOSTCOST_M:-1024} >> "$RES/host_cost.txt" 2>&1
   done
   say "hostcost: exit $?"
 fi

@@ -29,6 +29,8 @@ import threading
 
 import torch
 
+from .library import raw_stream
+
 __all__ = ["available", "sparse_mm", "PlanError", "loaded_version", "loaded_version_name"]
 
 _CUDA_R_16F, _CUDA_R_16BF, _CUDA_R_32F, _CUDA_R_8I, _CUDA_R_32I, _CUDA_R_8F_E4M3 = 2, 14, 0, 3, 10, 28
@@ -223,7 +225,7 @@ def sparse_mm(w_compressed: torch.Tensor, n: int, xq: torch.Tensor, out_dtype: t
             _PLANS[key] = plan
     out = torch.empty(m, n, dtype=out_dt, device=xq.device)
     ws = torch.empty(max(plan.workspace, 1), dtype=torch.uint8, device=xq.device)
-    stream = ctypes.c_void_p(torch.cuda.current_stream(xq.device).cuda_stream)
+    stream = ctypes.c_void_p(raw_stream(xq.get_device()))
     lib.check(lib.cusparseLtMatmul(lib.handle.ptr, plan.plan.ptr, ctypes.byref(_ONE), w_compressed.data_ptr(),
                                    xq.data_ptr(), ctypes.byref(_ZERO), out.data_ptr(), out.data_ptr(),
                                    ws.data_ptr(), ctypes.byref(stream), 1), "cusparseLtMatmul")

@@ -26,6 +26,9 @@ API (pure functions; nothing here imports slidesparse.runtime):
     scaled_sparse_mm(x_lifted, w, s_tok, s_ch, bias=None, out_dtype=torch.bfloat16,
                      config=None) -> Tensor [M, N]
     decompress(w) -> Tensor [N, k]          the dense 2:4 weight back (tests, debugging)
+    lift_available() -> bool                the library has the native lift (csrc/ss_lift.cu)
+    lift_into(q, out, m, p, w, inf)         the lift of 1-byte codes into a preallocated x'
+                                            (kernels/quant_slide.lift_codes calls it on CUDA)
 
 Shapes and padding. K' is padded with zero columns to k = padded_k(K') (64, the same K_ALIGN as the
 cuSPARSELt path, so one x' buffer serves both kernels); x' must have exactly w.k columns (its
@@ -63,11 +66,13 @@ from pathlib import Path
 
 import torch
 
+from .library import raw_stream
+
 __all__ = [
     "available", "why_unavailable", "configs", "config_info", "default_config", "K_ALIGN", "padded_k",
     "CompressedWeight", "compress", "compress_packed", "decompress", "scaled_sparse_mm", "CutlassSparseError",
     "library_path", "build_info", "meta_to_cutlass", "meta_from_cutlass", "plain_configs",
-    "unscaled_mm_for_measurement",
+    "unscaled_mm_for_measurement", "lift_available", "lift_into",
 ]
 
 K_ALIGN = 64
@@ -107,6 +112,15 @@ class _Args(ctypes.Structure):
         ("mode", ctypes.c_int32), ("splits", ctypes.c_int32), ("workspace", ctypes.c_void_p),
         ("workspace_bytes", ctypes.c_size_t), ("stream", ctypes.c_void_p), ("device", ctypes.c_int32),
         ("swizzle", ctypes.c_int32), ("raster", ctypes.c_int32),
+    ]
+
+
+class _LiftArgs(ctypes.Structure):
+    _fields_ = [
+        ("src", ctypes.c_void_p), ("dst", ctypes.c_void_p), ("m", ctypes.c_int64), ("mp", ctypes.c_int64),
+        ("k", ctypes.c_int64), ("kq", ctypes.c_int64), ("src_stride", ctypes.c_int64), ("dst_stride", ctypes.c_int64),
+        ("p", ctypes.c_int32), ("w", ctypes.c_int32), ("inf", ctypes.c_int32), ("pad_", ctypes.c_int32),
+        ("stream", ctypes.c_void_p),
     ]
 
 
@@ -166,6 +180,10 @@ class _Lib:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, res
             setattr(self, name, fn)
+        # the lift (csrc/ss_lift.cu) came after ABI 2: a library built before it has no such symbol
+        self.ss_lift_codes = getattr(lib, "ss_lift_codes", None)
+        if self.ss_lift_codes is not None:
+            self.ss_lift_codes.argtypes, self.ss_lift_codes.restype = [ctypes.POINTER(_LiftArgs)], i32
         if self.ss_abi_version() != _ABI_VERSION:
             raise CutlassSparseError(f"{path} has C ABI {self.ss_abi_version()}, this module expects "
                                      f"{_ABI_VERSION}: rebuild with bash tools/build_csrc.sh")
@@ -458,10 +476,48 @@ def compress_reference(w_slid: torch.Tensor, k: int | None = None) -> Compressed
 # ----------------------------------------------------------------------------- the GEMM
 
 _WS: dict[tuple, int] = {}
+# What a layer's calls share, checked once: (weight, s_ch, bias, config, out_dtype) -> (index, the
+# mode options, an _Args with the per-layer fields filled in). Keyed by pointers and shapes, so a
+# freed and reused address with the same shapes would get the same fields it would have computed.
+_PREPARED: dict[tuple, tuple] = {}
 
 
 def _aligned(t: torch.Tensor, nbytes: int = 16) -> bool:
     return t.data_ptr() % nbytes == 0
+
+
+def _prepare(w: CompressedWeight, s_ch: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+             config: str, plain_ok: bool) -> tuple:
+    """The checks of the per-layer operands and the configuration, done on a layer's first call."""
+    lib = _lib()
+    n = w.n
+    if out_dtype not in _OUT_CODE:
+        raise CutlassSparseError(f"out_dtype {out_dtype} is not supported (bfloat16 or float16)")
+    if s_ch.dtype != torch.float32 or s_ch.shape != (n,) or not s_ch.is_contiguous():
+        raise CutlassSparseError(f"s_ch must be contiguous float32 [{n}], got {s_ch.dtype} {tuple(s_ch.shape)}")
+    if bias is not None and (bias.dtype != out_dtype or bias.shape != (n,) or not bias.is_contiguous()):
+        raise CutlassSparseError(f"bias must be contiguous {out_dtype} [{n}], got {bias.dtype} {tuple(bias.shape)}")
+    tensors = [w.values, w.meta, s_ch] + ([bias] if bias is not None else [])
+    dev = w.values.device
+    if any(t.device != dev for t in tensors) or dev.type != "cuda":
+        raise CutlassSparseError("all operands must be on one CUDA device")
+    # vectorised (16-byte) loads: TMA for x', W', metadata; the per-channel vectors' epilogue loads
+    if not all(_aligned(t) for t in tensors):
+        raise CutlassSparseError("x', the weight, s_ch and bias must start on 16-byte boundaries")
+    base, opts = _parse_config(config)
+    idx = lib.index.get(base)
+    if idx is None:
+        raise CutlassSparseError(f"unknown CUTLASS sparse configuration {base!r}; compiled: {sorted(lib.index)}")
+    info = lib.info[base]
+    if (info["in_dtype"], info["out_dtype"]) != (_IN_CODE[w.dtype], _OUT_CODE[out_dtype]):
+        raise CutlassSparseError(f"configuration {base} is not for {w.dtype} -> {out_dtype}")
+    if info["plain_epilogue"] and not plain_ok:
+        raise CutlassSparseError(f"configuration {base} skips the scales and the bias (measurement only)")
+    device = dev.index if dev.index is not None else torch.cuda.current_device()
+    template = _Args(None, w.values.data_ptr(), w.meta.data_ptr(), None, s_ch.data_ptr(),
+                     bias.data_ptr() if bias is not None else None, None, 0, n, w.k, opts["mode"], opts["splits"],
+                     None, 0, None, device, opts["swizzle"], opts["raster"])
+    return idx, tuple(opts.values()), template, device
 
 
 def scaled_sparse_mm(x_lifted: torch.Tensor, w: CompressedWeight, s_tok: torch.Tensor, s_ch: torch.Tensor,
@@ -471,62 +527,53 @@ def scaled_sparse_mm(x_lifted: torch.Tensor, w: CompressedWeight, s_tok: torch.T
 
     x_lifted [M, w.k] row-major, w.dtype; s_tok fp32 [M] (or [M, 1]); s_ch fp32 [N]; bias out_dtype
     [N] or None. config: a name from configs() (None: default_config).
+
+    Outside CUDA graphs every call is host time on the step's critical path, so what depends only
+    on the layer (the weight, s_ch, bias, the configuration) is checked and packed once
+    (_prepare) and a call checks and fills in only x', s_tok and the output.
     """
-    lib = _lib()
     m, kx = x_lifted.shape
     n = w.n
     if x_lifted.dtype != w.dtype:
         raise CutlassSparseError(f"x' is {x_lifted.dtype} but the weight is {w.dtype}")
     if kx != w.k:
         raise CutlassSparseError(f"x' has K'={kx} columns, the weight was compressed for k={w.k} (pad x' with zeros)")
-    if out_dtype not in _OUT_CODE:
-        raise CutlassSparseError(f"out_dtype {out_dtype} is not supported (bfloat16 or float16)")
     if not x_lifted.is_contiguous():
         raise CutlassSparseError("x' must be row-major contiguous")
     s_tok = s_tok.reshape(-1)
     if s_tok.dtype != torch.float32 or s_tok.numel() != m or not s_tok.is_contiguous():
         raise CutlassSparseError(f"s_tok must be contiguous float32 [{m}], got {s_tok.dtype} {tuple(s_tok.shape)}")
-    if s_ch.dtype != torch.float32 or s_ch.shape != (n,) or not s_ch.is_contiguous():
-        raise CutlassSparseError(f"s_ch must be contiguous float32 [{n}], got {s_ch.dtype} {tuple(s_ch.shape)}")
-    if bias is not None and (bias.dtype != out_dtype or bias.shape != (n,) or not bias.is_contiguous()):
-        raise CutlassSparseError(f"bias must be contiguous {out_dtype} [{n}], got {bias.dtype} {tuple(bias.shape)}")
-    tensors = [x_lifted, w.values, w.meta, s_tok, s_ch] + ([bias] if bias is not None else [])
-    dev = x_lifted.device
-    if any(t.device != dev for t in tensors) or dev.type != "cuda":
+    config = config or default_config(w.dtype, m, out_dtype)
+    key = (w.values.data_ptr(), w.meta.data_ptr(), s_ch.data_ptr(), None if bias is None else bias.data_ptr(), n,
+           w.k, w.dtype, s_ch.dtype, tuple(s_ch.shape), None if bias is None else (bias.dtype, tuple(bias.shape)),
+           out_dtype, config, _plain_ok)
+    prepared = _PREPARED.get(key)
+    if prepared is None:
+        prepared = _PREPARED[key] = _prepare(w, s_ch, bias, out_dtype, config, _plain_ok)
+    idx, opts, template, device = prepared
+    if x_lifted.get_device() != device or s_tok.get_device() != device:
         raise CutlassSparseError("all operands must be on one CUDA device")
-    # vectorised (16-byte) loads: TMA for x', W', metadata; the per-channel vectors' epilogue loads
-    if not all(_aligned(t) for t in [x_lifted, w.values, w.meta, s_ch] + ([bias] if bias is not None else [])):
+    if x_lifted.data_ptr() % 16:
         raise CutlassSparseError("x', the weight, s_ch and bias must start on 16-byte boundaries")
-    out = torch.empty(m, n, dtype=out_dtype, device=dev)
+    out = torch.empty(m, n, dtype=out_dtype, device=x_lifted.device)
     if m == 0:
         return out
-    config = config or default_config(w.dtype, m, out_dtype)
-    base, opts = _parse_config(config)
-    idx = lib.index.get(base)
-    if idx is None:
-        raise CutlassSparseError(f"unknown CUTLASS sparse configuration {base!r}; compiled: {sorted(lib.index)}")
-    info = lib.info[base]
-    if (info["in_dtype"], info["out_dtype"]) != (_IN_CODE[w.dtype], _OUT_CODE[out_dtype]):
-        raise CutlassSparseError(f"configuration {base} is not for {w.dtype} -> {out_dtype}")
-    if info["plain_epilogue"] and not _plain_ok:
-        raise CutlassSparseError(f"configuration {base} skips the scales and the bias (measurement only)")
-    device = dev.index if dev.index is not None else torch.cuda.current_device()
-    args = _Args(x_lifted.data_ptr(), w.values.data_ptr(), w.meta.data_ptr(), s_tok.data_ptr(), s_ch.data_ptr(),
-                 bias.data_ptr() if bias is not None else None, out.data_ptr(), m, n, w.k, opts["mode"],
-                 opts["splits"], None, 0, torch.cuda.current_stream(dev).cuda_stream, device, opts["swizzle"],
-                 opts["raster"])
-    key = (idx, m, n, w.k, device, *opts.values())
-    ws_bytes = _WS.get(key)
+    lib = _lib()
+    args = _Args.from_buffer_copy(template)
+    args.x, args.s_tok, args.out, args.m = x_lifted.data_ptr(), s_tok.data_ptr(), out.data_ptr(), m
+    args.stream = raw_stream(device)
+    ws_key = (idx, m, n, w.k, device, *opts)
+    ws_bytes = _WS.get(ws_key)
     if ws_bytes is None:
         size = ctypes.c_size_t(0)
         st = lib.ss_workspace_size(idx, ctypes.byref(args), ctypes.byref(size))
         if st:
             raise lib.error(st, f"CUTLASS sparse GEMM {config} (M={m}, N={n}, K'={w.k})")
-        ws_bytes = _WS[key] = int(size.value)
+        ws_bytes = _WS[ws_key] = int(size.value)
     if ws_bytes:
-        ws = torch.empty(ws_bytes, dtype=torch.uint8, device=dev)
+        ws = torch.empty(ws_bytes, dtype=torch.uint8, device=x_lifted.device)
         args.workspace, args.workspace_bytes = ws.data_ptr(), ws_bytes
-    if device != torch.cuda.current_device():
+    if device != torch._C._cuda_getDevice():
         with torch.cuda.device(device):
             st = lib.ss_run(idx, ctypes.byref(args))
     else:
@@ -534,6 +581,27 @@ def scaled_sparse_mm(x_lifted: torch.Tensor, w: CompressedWeight, s_tok: torch.T
     if st:
         raise lib.error(st, f"CUTLASS sparse GEMM {config} (M={m}, N={n}, K'={w.k})")
     return out
+
+
+def lift_available() -> bool:
+    """True if the library loads here and has the native lift (csrc/ss_lift.cu). Never raises."""
+    try:
+        return available() and _lib().ss_lift_codes is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def lift_into(q: torch.Tensor, out: torch.Tensor, m: int, p: int, w: int, inf: bool) -> None:
+    """The native lift (ss_lift.h): q [m, K] 1-byte codes (K even, rows 2-byte aligned) -> out
+    [MP, K'] (16-byte aligned rows, K' % 16 == 0), rows m..MP and columns past the groups zeroed.
+    The caller (kernels/quant_slide.lift_codes) has checked shapes and dtypes; this checks what the
+    kernel's vector stores need and reports the library's status in one line."""
+    lib = _lib()
+    args = _LiftArgs(q.data_ptr(), out.data_ptr(), m, out.shape[0], q.shape[1], out.shape[1], q.stride(0),
+                     out.stride(0), p, w, int(inf), 0, raw_stream(q.get_device()))
+    st = lib.ss_lift_codes(ctypes.byref(args))
+    if st:
+        raise lib.error(st, f"lift of [{m}, {q.shape[1]}] codes into [{out.shape[0]}, {out.shape[1]}]")
 
 
 def plain_configs() -> list[str]:

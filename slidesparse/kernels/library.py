@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["op"]
+__all__ = ["op", "raw_stream"]
 
 _LIBS: dict[str, torch.library.Library] = {}
 
@@ -49,3 +49,11 @@ def op(qualname: str):
             lib.impl(name, fn, key)
         return Op(qualname, lib)
     return register
+
+
+def raw_stream(device: int) -> int:
+    """The current CUDA stream's handle on `device`, for the ctypes-bound kernels.
+    torch.cuda.current_stream() builds a Stream object on each call (5-7 us on the H200 host,
+    tools/gpu_host_cost.py); the raw handle is what Inductor's generated code asks for."""
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return get(device) if get is not None else torch.cuda.current_stream(device).cuda_stream

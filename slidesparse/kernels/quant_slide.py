@@ -268,7 +268,7 @@ def quant_only(x: torch.Tensor, act_dtype: str, k_align: int = 1, m_align: int =
 
 
 def lift_codes(q: torch.Tensor, pat: Pattern | str, k_align: int = 1, m_align: int = 1,
-               impl: str = "triton") -> torch.Tensor:
+               impl: str = "gpu") -> torch.Tensor:
     """Lift already-quantized codes: q [M, K] (1-byte, from quant_only) -> [M, K'_pad], the bytes
     quant_slide would have written (the scale is per row, so quantize-then-lift equals
     lift-then-quantize). The traced layer quantizes in x's shape, fused into x's producer, and
@@ -276,8 +276,11 @@ def lift_codes(q: torch.Tensor, pat: Pattern | str, k_align: int = 1, m_align: i
     Rows are zero-padded to m_align here, not by the quantization, whose output must keep x's
     shape for Inductor to write it from the same kernel that reduces the row.
 
-    A window is two 2-byte pairs of codes, so the Triton kernel moves int16 pairs; odd K or
-    impl="torch" use the view-and-cat lift."""
+    A window is two 2-byte pairs of codes, so the GPU kernels move int16 pairs. impl: "native"
+    (SlideSparse's CUDA library, csrc/ss_lift.cu: a launch costs ~50 us less host time than a
+    Triton launch from Python, which outside CUDA graphs is on the step's critical path),
+    "triton", "gpu" (native where the library has it, else Triton), "torch" (the view-and-cat
+    lift, also used for odd K)."""
     pat = parse_pattern(pat)
     if q.dim() != 2 or q.element_size() != 1:
         raise QuantSlideError(f"lift_codes expects 1-byte codes of shape [M, K], got {q.dtype} {tuple(q.shape)}")
@@ -286,14 +289,25 @@ def lift_codes(q: torch.Tensor, pat: Pattern | str, k_align: int = 1, m_align: i
     mp = -(-m // m_align) * m_align
     if pat.L == 4 and kq == k and mp == m:
         return q
-    if impl not in ("torch", "triton"):
-        raise QuantSlideError(f"unknown impl {impl!r}: choose triton or torch")
+    if impl not in ("gpu", "native", "triton", "torch"):
+        raise QuantSlideError(f"unknown impl {impl!r}: choose gpu, native, triton or torch")
     if impl == "torch" or k % 2:
         return _lift_pad(q.view(torch.uint8), pat, k_align, m_align).view(q.dtype)
-    if triton is None:
-        raise QuantSlideError("lift_codes(impl='triton') needs triton (use impl='torch')")
+    # the native kernel stores 16 bytes at a time: x' rows of a multiple of 16 (k_align is 64 for
+    # both GEMMs)
+    native = q.is_cuda and kq % 16 == 0 and _native_lift()
+    if impl == "native" and not native:
+        raise QuantSlideError("lift_codes(impl='native') needs a CUDA tensor, K' % 16 == 0 and SlideSparse's CUDA "
+                              "library with its lift (bash tools/build_csrc.sh)")
     q = q.contiguous()
     out = torch.empty(mp, kq, dtype=q.dtype, device=q.device)
+    if native and impl != "triton":
+        if mp:
+            from . import cutlass_sparse as cs
+            cs.lift_into(q, out, m, pat.group // 2, pat.windows, pat.L is None)
+        return out
+    if triton is None:
+        raise QuantSlideError("lift_codes(impl='triton') needs triton (use impl='torch')")
     if mp:
         src, dst = q.view(torch.int16), out.view(torch.int16)
         block_m, block_c = 8, 512
@@ -302,6 +316,17 @@ def lift_codes(q: torch.Tensor, pat: Pattern | str, k_align: int = 1, m_align: i
                                  P=pat.group // 2, W=pat.windows, INF=pat.L is None,
                                  BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
     return out
+
+
+_NATIVE_LIFT: list[bool] = []
+
+
+def _native_lift() -> bool:
+    # asked once: the library is loaded (or found missing) once per process
+    if not _NATIVE_LIFT:
+        from . import cutlass_sparse as cs
+        _NATIVE_LIFT.append(cs.lift_available())
+    return _NATIVE_LIFT[0]
 
 
 if triton is not None:

@@ -62,8 +62,15 @@ def acc_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return cl.acc_dtype_for(weight_dtype)
 
 
+_PATTERNS: dict[str, Pattern] = {}
+
+
 def _pattern(sparsity: str) -> Pattern:
-    return parse_pattern(sparsity)
+    # parsed once per spelling: every layer call names its pattern as a string (the op's schema)
+    pat = _PATTERNS.get(sparsity)
+    if pat is None:
+        pat = _PATTERNS[sparsity] = parse_pattern(sparsity)
+    return pat
 
 
 def _cutlass_weight(values, meta, n: int, k: int):
@@ -78,7 +85,7 @@ def cutlass_lifted(codes: torch.Tensor, s_tok: torch.Tensor, cw_values: torch.Te
     padding: the kernel takes any M), then the CUTLASS kernel with scales and bias in its epilogue."""
     from . import cutlass_sparse as cs
     from .quant_slide import lift_codes
-    x_lifted = lift_codes(codes, _pattern(sparsity), cs.K_ALIGN, 1, impl="triton" if codes.is_cuda else "torch")
+    x_lifted = lift_codes(codes, _pattern(sparsity), cs.K_ALIGN, 1, impl="gpu" if codes.is_cuda else "torch")
     return _cutlass_mm(x_lifted, s_tok, cw_values, cw_meta, cw_k, w_scale, bias, n, config, out_dtype)
 
 
@@ -141,7 +148,7 @@ def mm_lifted(codes: torch.Tensor, w_compressed: torch.Tensor, n: int, sparsity:
     from .quant_slide import lift_codes
     m = codes.shape[0]
     x_lifted = lift_codes(codes, _pattern(sparsity), cl.K_ALIGN, cl.M_ALIGN,
-                          impl="triton" if codes.is_cuda else "torch")
+                          impl="gpu" if codes.is_cuda else "torch")
     return mm_from_lifted(x_lifted, w_compressed, n, alg, split_k)[:m]
 
 

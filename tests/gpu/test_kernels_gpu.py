@@ -75,20 +75,40 @@ def test_quant_only_and_lift_only(m, act):
     assert torch.equal(xl[:, :r.shape[1]], r) and not bool(xl[:, r.shape[1]:].float().any())
 
 
+@pytest.mark.parametrize("impl", ("native", "triton"))
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("L", LS + ("2_inf",))
-@pytest.mark.parametrize("m", (1, 7, 4096, 65536))
-def test_lift_codes_equals_quant_slide(m, L, act):
-    """The traced layer's sparse input: quant_only's codes lifted by lift_codes' Triton pair
-    gather are the fused quant+slide kernel's bytes, up to M=65536 at K=18944."""
+@pytest.mark.parametrize("m,k", ((1, 3584), (7, 3590), (4096, 3584), (65536, 18944)))
+def test_lift_codes_equals_quant_slide(m, k, L, act, impl):
+    """The traced layer's sparse input: quant_only's codes lifted by lift_codes (SlideSparse's
+    CUDA kernel, and the Triton pair gather) are the fused quant+slide kernel's bytes, rows padded
+    to 16 with zeros, up to M=65536 at K=18944; K=3590 ends in a partial group."""
     from slidesparse.kernels.quant_slide import lift_codes, quant_only, quant_slide
-    k = 18944 if m == 65536 else 3584
     x = _x(m, k, 91 + m)
     q, s = quant_only(x, act)
-    lifted = lift_codes(q, L, 64, 16)
     fused, sf = quant_slide(x, L, act, k_align=64, m_align=16)
+    lifted = lift_codes(q, L, 64, 16, impl=impl)
     assert lifted.shape == fused.shape and torch.equal(lifted.view(torch.uint8), fused.view(torch.uint8))
     assert torch.equal(s, sf)
+
+
+def test_native_lift_is_present_and_replays_in_a_cuda_graph():
+    """The library carried to the GPU host has the lift, and the lift captures and replays."""
+    from slidesparse.kernels import cutlass_sparse as cs
+    from slidesparse.kernels.quant_slide import lift_codes
+    assert cs.lift_available(), cs.why_unavailable() or "library without ss_lift_codes: rebuild csrc"
+    q = torch.randint(-128, 128, (300, 4096), dtype=torch.int8, device="cuda")
+    want = lift_codes(q, "2_8", 64, 16, impl="torch")
+    static = q.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lift_codes(static, "2_8", 64, 16, impl="native")
+    static.copy_(torch.randint(-128, 128, q.shape, dtype=torch.int8, device="cuda"))
+    graph.replay()
+    assert torch.equal(out, lift_codes(static, "2_8", 64, 16, impl="torch"))
+    static.copy_(q)
+    graph.replay()
+    assert torch.equal(out, want)
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
