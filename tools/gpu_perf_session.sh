@@ -25,9 +25,10 @@
 # /root/res), each stage in its own log; $RES/session.log says where it is. Re-running skips
 # finished work (converted models, tuned tables, finished e2e points).
 #
+# STAGES=prep (alone) only prepares the checkpoints and runs before vLLM is installed.
 # Environment: PRESET (qwen2.5-7b), SGPT_PRESET (the sparsegpt stage's model, PRESET), VARIANTS (fp8,2_8-fp8,2_4-fp8,int8,2_8-int8; NAME#E repeats NAME
 # in an engine of its own, e.g. ...,fp8#2,2_8-fp8#2 for engine-to-engine variance), PREFILL_M
-# (16384), DECODE_M (256), TUNE_M (64,256,512,2048,16384: 512 is vLLM's largest CUDA graph), MODELS (/root/models), RES (/root/res),
+# (16384), DECODE_M (256), TUNE_M (slidesparse tune's default buckets when unset), MODELS (/root/models), RES (/root/res),
 # BENCH_M (256,16384), BENCH_FORMS (eager,traced,in_op), BENCH_ROUNDS (2), TEST_TIMEOUT (600 s),
 # BENCH_TIMEOUT (420 s), PROFILE_M (tokens per profiled prefill step, 16384), PROFILE_DECODE_M (256), TESTS (pytest paths, tests/gpu), GEMM_PRESETS (qwen2.5-7b,llama3.2-1b), GEMM_M
 # (64,256,1024,4096,16384), GEMM_LIB_WAIT (0 s), CSLT010 (/root/c/libcusparseLt.so.0), GEMM010_WAIT (0 s);
@@ -42,7 +43,10 @@ STAGES=${STAGES:-tests sparsegpt tune fusion e2e e2e_b profile hostcost bench ge
 OBJ_VARIANTS=${OBJ_VARIANTS:-2_8-fp8}
 PROFILE_VARIANTS=${PROFILE_VARIANTS:-fp8,2_8-fp8}
 mkdir -p "$RES" "$MODELS"
-source /tmp/site/env.sh
+# STAGES=prep makes the model and converts the variants only, and needs no vLLM: it can start
+# while the bundle is still on its way (a later run with other stages waits for it)
+if [ -f /tmp/site/env.sh ]; then source /tmp/site/env.sh
+elif [ "$STAGES" != prep ]; then echo "no /tmp/site/env.sh: install the vLLM bundle first (docs/gpu-host.md)"; exit 2; fi
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
   || python3 -m pip install -q --no-deps --no-build-isolation -e .
@@ -64,6 +68,14 @@ python3 -c 'import torch, triton, vllm; print("torch", torch.__version__, "trito
 
 # the model and its variants, on the CPU, while the GPU runs the tests
 (
+  # one preparation at a time: a run started while another one prepares waits for it, then does
+  # what is left (nothing, unless VARIANTS differ)
+  lock=$MODELS/.prepare.pid
+  if [ -f "$lock" ] && kill -0 "$(cat "$lock")" 2>/dev/null; then
+    echo "$(date -u +%T) waiting for the preparation already running (pid $(cat "$lock"))"
+    while kill -0 "$(cat "$lock")" 2>/dev/null; do sleep 5; done
+  fi
+  echo $BASHPID > "$lock"
   if [[ " $STAGES " == *" sparsegpt "* ]] && [ ! -f "$sgpt_base/config.json" ]; then
     ss make-model --preset "$SGPT_PRESET" --out "$sgpt_base" --overwrite
   fi
@@ -152,7 +164,7 @@ fi
 
 if [[ " $STAGES " == *" tune "* ]] && [ ${#sparse_ckpts[@]} -gt 0 ]; then
   say "tune ${#sparse_ckpts[@]} checkpoints"
-  ( time ss tune "${sparse_ckpts[@]}" --m "${TUNE_M:-64,256,512,2048,16384}" ) > "$RES/tune.log" 2>&1
+  ( time ss tune "${sparse_ckpts[@]}" ${TUNE_M:+--m "$TUNE_M"} ) > "$RES/tune.log" 2>&1
   mkdir -p "$RES/tuning"
   for d in "${sparse_ckpts[@]}"; do cp "$d/slidesparse_tuning.json" "$RES/tuning/$(basename "$d").json" 2>/dev/null; done
   say "tune: $(grep -c wrote "$RES/tune.log") written, $(grep real "$RES/tune.log")"
@@ -191,7 +203,7 @@ if [[ " $STAGES " == *" e2e_b "* ]]; then
     src=$(ckpt "$v"); dst=$src-prefill-objective
     if [ ! -f "$dst/slidesparse_tuning.json" ]; then
       mkdir -p "$dst"; for f in "$src"/*; do [ "$(basename "$f")" = slidesparse_tuning.json ] || ln -sf "$f" "$dst/"; done
-      ( time ss tune "$dst" --objective prefill --m "${TUNE_M:-64,256,512,2048,16384}" ) >> "$RES/tune_prefill_objective.log" 2>&1
+      ( time ss tune "$dst" --objective prefill ${TUNE_M:+--m "$TUNE_M"} ) >> "$RES/tune_prefill_objective.log" 2>&1
       mkdir -p "$RES/tuning"; cp "$dst/slidesparse_tuning.json" "$RES/tuning/$(basename "$dst").json" 2>/dev/null
     fi
     ckargs+=(--ckpt "$v=$dst"); names+=",$v"

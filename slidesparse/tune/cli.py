@@ -15,7 +15,8 @@ app = typer.Typer(help="Tune a checkpoint's GEMM choices on this GPU.", no_args_
 @app.callback()
 def tune(ckpts: List[Path] = typer.Argument(..., help="SlideSparse checkpoint folders (several: the dense "
                                                        "measurements are shared)"),
-         m: str = typer.Option("16,64,256,512,1024,4096,16384", "--m", help="M bucket bounds"),
+         m: str = typer.Option("", "--m", help="M bucket bounds (default: tune.search.M_BUCKETS, "
+                                              "16,64,128,256,512,1024,4096,16384)"),
          tp: int = typer.Option(1, "--tp", help="tensor-parallel size the checkpoints will be served with"),
          mixed_min_gain: float = typer.Option(
              0.05, "--mixed-min-gain",
@@ -34,9 +35,9 @@ def tune(ckpts: List[Path] = typer.Argument(..., help="SlideSparse checkpoint fo
     as vLLM runs them, and mark each bucket sparse or dense."""
     from rich.progress import Progress
 
-    from .search import TuneError, bucket_weights, tune_checkpoints
+    from .search import M_BUCKETS, TuneError, bucket_weights, tune_checkpoints
     try:
-        buckets = tuple(sorted({int(t) for t in m.split(",") if t.strip()}))
+        buckets = tuple(sorted({int(t) for t in m.split(",") if t.strip()})) if m.strip() else M_BUCKETS
         if not buckets or buckets[0] < 1 or buckets[-1] > 1 << 24:
             raise ValueError
     except ValueError:

@@ -24,7 +24,10 @@ from ..core.layout import vllm_layer_shapes
 from ..core.quant import DTYPES
 from ..core.tuning import TuningEntry, TuningTable
 
-M_BUCKETS = (16, 64, 256, 512, 1024, 4096, 16384)   # 512: vLLM's default largest CUDA graph
+# 512: vLLM's default largest CUDA graph. 128: a bucket measured at 256 serves M = 65-256, and on
+# the H200 Qwen2.5-7B 2_4 FP8 decoded 128 sequences at 0.863x of dense with 256's choices while 64
+# and 256 (each measured at its own M) ran 1.13x and 1.08x (results/H200/e2e_matrix, 2026-12-03)
+M_BUCKETS = (16, 64, 128, 256, 512, 1024, 4096, 16384)
 
 # What a plan is chosen for. A step of at most DECODE_MAX_M tokens is a decode step (one token per
 # running sequence, vLLM's default max_num_seqs is 256); larger ones are prefill chunks. "balanced"
