@@ -64,7 +64,8 @@ for v in ${VARIANTS//,/ }; do case $v in *#*) ;; 2_*) sparse_ckpts+=("$(ckpt "$v
 
 say "session: $PRESET [$VARIANTS], stages: $STAGES"
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader | tee -a "$RES/session.log"
-python3 -c 'import torch, triton, vllm; print("torch", torch.__version__, "triton", triton.__version__, "vllm", vllm.__version__, "cusparselt", torch.backends.cusparselt.version())' | tee -a "$RES/session.log"
+python3 -c 'import torch, triton, vllm; print("torch", torch.__version__, "triton", triton.__version__, "vllm", vllm.__version__, "cusparselt", torch.backends.cusparselt.version())' 2>/dev/null \
+  | tee -a "$RES/session.log" || echo "vllm: not importable (STAGES=prep needs none)" | tee -a "$RES/session.log"
 
 # the model and its variants, on the CPU, while the GPU runs the tests
 (
