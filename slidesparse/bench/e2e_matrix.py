@@ -693,7 +693,8 @@ def run_engine(model: str, v: Variant, ckpt: Path, points: list[dict], settings:
                 return
             engine = {"startup_s": msg["startup_s"], "import_s": msg.get("import_s"), "standby": msg.get("standby"),
                       "vllm": msg.get("vllm"), "kv_cache_tokens": msg.get("kv_cache_tokens"),
-                      "engine_args": msg.get("engine_args"), **engine_log_info(_tail(log_path, 2_000_000))}
+                      "engine_args": msg.get("engine_args"), "tuning": msg.get("tuning"),
+                      **engine_log_info(_tail(log_path, 2_000_000))}
             results.append({**base, "kind": "engine", "ok": True, **engine, "time": _now()})
             log(f"    ready in {engine['startup_s']:.0f} s" +
                 (f" (+{engine['import_s']:.0f} s of vLLM import in standby)" if engine.get("standby") else "") +

@@ -283,6 +283,21 @@ class Sweep:
 
 # ---------------------------------------------------------------- main
 
+def tuning_table_of(model: str) -> dict | None:
+    """The tuning table this engine's layers were planned from, as its file holds it: the one
+    SLIDESPARSE_TUNING names, else the checkpoint's own; None where there is none. Recorded with
+    the engine, so the tuner's predictions can be set beside the points it served
+    (bench/tuner_check.py) after the checkpoint, and its table, are gone."""
+    from ..core.format import TUNING_FILE
+    from ..runtime.config import ENV_TUNING
+    path = os.environ.get(ENV_TUNING) or os.path.join(model, TUNING_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def _watch_parent() -> None:
     """If the driver dies (kill -9), take this engine's whole process group down with it rather than
     keep the GPU busy: the group is this worker and vLLM's engine-core process."""
@@ -360,7 +375,8 @@ def main(argv=None) -> int:
         return 1
     import vllm
     send(event="ready", startup_s=time.perf_counter() - t0, import_s=import_s, standby=standby,
-         engine_args={k: v for k, v in kw.items() if k != "model"}, vllm=vllm.__version__, kv_cache_tokens=_kv_tokens(llm))
+         engine_args={k: v for k, v in kw.items() if k != "model"}, vllm=vllm.__version__, kv_cache_tokens=_kv_tokens(llm),
+         tuning=tuning_table_of(spec["model"]))
     sweep = Sweep(llm, spec)
     for p in spec["points"]:
         send(event="start", phase=p["phase"], m=p["m"])

@@ -22,6 +22,11 @@ def tune(ckpts: List[Path] = typer.Argument(..., help="SlideSparse checkpoint fo
              0.05, "--mixed-min-gain",
              help="how much of the dense time (mean over the buckets) a layer plan that keeps two weight copies "
                   "must save beyond the best one-copy plan; 0 takes the fastest mix, 0.99 never mixes"),
+         max_bucket_loss: float = typer.Option(
+             0.02, "--max-bucket-loss",
+             help="how much slower than dense (a fraction of its time) a one-copy sparse plan may be at any "
+                  "M bucket that counts; larger values trade decode or prefill speed at some M for one "
+                  "weight copy"),
          objective: str = typer.Option(
              "balanced", "--objective",
              help="what the plans are chosen for: balanced (every M bucket alike), prefill (buckets above "
@@ -57,6 +62,9 @@ def tune(ckpts: List[Path] = typer.Argument(..., help="SlideSparse checkpoint fo
     if not 0 <= mixed_min_gain < 1:  # also false for nan
         typer.echo(f"error: --mixed-min-gain must be in [0, 1), got {mixed_min_gain}", err=True)
         raise typer.Exit(2)
+    if not max_bucket_loss >= 0:  # also false for nan
+        typer.echo(f"error: --max-bucket-loss must be >= 0, got {max_bucket_loss}", err=True)
+        raise typer.Exit(2)
     for ckpt in ckpts:
         if not ckpt.is_dir():
             typer.echo(f"error: {ckpt} is not a folder", err=True)
@@ -67,7 +75,7 @@ def tune(ckpts: List[Path] = typer.Argument(..., help="SlideSparse checkpoint fo
             out = tune_checkpoints(list(ckpts), buckets,
                                    progress=lambda i, n, d: prog.update(task, completed=i, total=n, description=d),
                                    tp=tp, mixed_min_gain=mixed_min_gain, objective=objective,
-                                   graph_max_m=graph_max_m)
+                                   graph_max_m=graph_max_m, max_bucket_loss=max_bucket_loss)
     except TuneError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
