@@ -97,6 +97,9 @@ def test_an_engine_record_that_holds_its_table_wins_over_the_folders(tmp_path):
     assert rows[("prefill", 2048)]["all_dense"] and not rows[("prefill", 2048)]["flagged"]
     assert ("decode", 128) not in rows        # before that engine, and before the folder's time
     assert check(recs, []) and all(r["m"] == 2048 for r in check(recs, []))
+    # a later engine that served no table: its points are not the earlier engine's
+    recs.insert(3, {**engine, "time": "2026-12-03T05:48:00+0000", "tuning": None})
+    assert check(recs, parse_tuning_args([f"2026-12-03T05:30={new}"])) == []
 
 
 def test_the_worker_records_the_table_the_runtime_reads(tmp_path, monkeypatch):

@@ -57,10 +57,11 @@ def parse_tuning_args(items: list[str]) -> list[tuple[str, Path]]:
 
 
 def _engine_tables(records: list[dict]) -> dict:
-    """{(model, variant): [(time, table dict), ...]} from the engine records that hold a table."""
+    """{(model, variant): [(time, table dict or None), ...]} from the engine records that say what
+    table they served (None: none; records from before 2026-12-03 do not say, and are left out)."""
     out: dict = {}
     for r in records:
-        if r.get("kind") == "engine" and r.get("ok") and isinstance(r.get("tuning"), dict):
+        if r.get("kind") == "engine" and r.get("ok") and "tuning" in r:
             out.setdefault((r["model"], r["variant"]), []).append((str(r.get("time") or ""), r["tuning"]))
     return out
 
@@ -70,6 +71,8 @@ def _table_for(record: dict, folders: list[tuple[str, Path]], cache: dict, engin
     # the engine that measured the point started before it: the latest such engine's own table
     held = [t for started, t in engines.get((record.get("model"), record.get("variant")), []) if started <= when]
     if held:
+        if not isinstance(held[-1], dict):
+            return None       # that engine served no table
         key = ("engine", record["model"], record["variant"], len(held))
         if key not in cache:
             cache[key] = TuningTable.from_dict(held[-1], f"the engine record of {record['variant']}")
