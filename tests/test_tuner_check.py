@@ -82,6 +82,12 @@ def test_the_command_line_reads_a_matrix_and_refuses_bad_arguments(tmp_path, cap
         assert main(["--matrix", str(mx), *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
+    for args in (["--matrix", str(tmp_path / "nowhere")],
+                 ["--matrix", str(mx), "--out", str(tmp_path / "no" / "such" / "dir" / "x.md")]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "no").exists()
 
 
 def test_an_engine_record_that_holds_its_table_wins_over_the_folders(tmp_path):

@@ -288,9 +288,10 @@ def tuning_table_of(model: str) -> dict | None:
     SLIDESPARSE_TUNING names, else the checkpoint's own; None where there is none. Recorded with
     the engine, so the tuner's predictions can be set beside the points it served
     (bench/tuner_check.py) after the checkpoint, and its table, are gone."""
-    from ..core.format import TUNING_FILE
-    from ..runtime.config import ENV_TUNING
-    path = os.environ.get(ENV_TUNING) or os.path.join(model, TUNING_FILE)
+    from ..runtime.config import tuning_path
+    path = tuning_path(model)
+    if path is None:
+        return None
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)

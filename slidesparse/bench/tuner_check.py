@@ -29,11 +29,10 @@ from pathlib import Path
 
 from ..core.errors import SlideSparseError
 from ..core.io import atomic_write
-from ..core.tuning import TuningTable
+from ..core.tuning import BACKEND_NAMES, TuningTable
 from . import e2e_matrix as mx
 
 FLOOR = 0.98
-NAMES = {"dense": "dense", "sparse": "cuSPARSELt", "cutlass": "CUTLASS"}
 
 
 class TunerCheckError(SlideSparseError):
@@ -89,10 +88,9 @@ def _table_for(record: dict, folders: list[tuple[str, Path]], cache: dict, engin
     return cache[path]
 
 
-def bucket_row(table: TuningTable, m: int) -> dict:
-    """The plan_summary row of the bucket the runtime serves M with."""
-    rows = table.plan_summary()
-    return next((r for r in rows if r["m_max"] >= m), rows[-1])
+def bucket_row(summary: list[dict], m: int) -> dict:
+    """The row of a table's plan_summary for the bucket the runtime serves M with."""
+    return next((r for r in summary if r["m_max"] >= m), summary[-1])
 
 
 def check(records: list[dict], folders: list[tuple[str, Path]], floor: float = FLOOR) -> list[dict]:
@@ -101,6 +99,7 @@ def check(records: list[dict], folders: list[tuple[str, Path]], floor: float = F
     points = mx.latest(records, "point")
     speedups = {(r["model"], r["variant"], r["phase"], r["m"]): r for r in mx.table_rows(records)}
     cache: dict = {}
+    summaries: dict = {}   # id(table) -> its plan_summary, computed once per table
     engines = _engine_tables(records)
     out = []
     for key, rec in points.items():
@@ -109,13 +108,15 @@ def check(records: list[dict], folders: list[tuple[str, Path]], floor: float = F
         table = _table_for(rec, folders, cache, engines)
         if table is None or not table.entries:
             continue
-        b = bucket_row(table, rec["m"])
+        if id(table) not in summaries:
+            summaries[id(table)] = table.plan_summary()
+        b = bucket_row(summaries[id(table)], rec["m"])
         e2e = speedups.get(key, {}).get("speedup")
         all_dense = b["layers"]["dense"] == sum(b["layers"].values())
         pred = b["speedup"]
         flagged = (not all_dense and e2e is not None and pred is not None and pred >= 1.0 and e2e < floor)
         out.append({"model": rec["model"], "variant": rec["variant"], "phase": rec["phase"], "m": rec["m"],
-                    "time": str(rec.get("time") or "")[:10], "bucket": b["m_max"], "layers": b["layers"], "all_dense": all_dense,
+                    "bucket": b["m_max"], "layers": b["layers"], "all_dense": all_dense,
                     "predicted": pred, "e2e": e2e, "spread": rec.get("spread"), "flagged": flagged})
     order = mx._order(list({r["variant"] for r in out}))
     out.sort(key=lambda r: (r["model"], order.index(r["variant"]), mx.PHASES.index(r["phase"]), r["m"]))
@@ -139,7 +140,7 @@ def markdown(rows: list[dict], floor: float = FLOOR) -> str:
                   "|---|---|---:|---:|---|---:|---:|---:|---|"]
         for r in (x for x in rows if x["model"] == model):
             plan = "all dense" if r["all_dense"] else ", ".join(
-                f"{NAMES[k]} {v}" for k, v in r["layers"].items() if v)
+                f"{BACKEND_NAMES[k]} {v}" for k, v in r["layers"].items() if v)
             spread = "" if r["spread"] is None else f"{100 * r['spread']:.0f}%"
             lines.append(f"| {r['variant']} | {r['phase']} | {r['m']} | {r['bucket']} | {plan} | "
                          f"{_fmt(r['predicted'])} | {_fmt(r['e2e'])} | {spread} | {'**!**' if r['flagged'] else ''} |")
@@ -167,13 +168,20 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         folders = parse_tuning_args(a.tuning)
-        records, _ = mx.read_results(Path(a.matrix) / mx.RESULTS)
+        results = Path(a.matrix) / mx.RESULTS
+        if not results.is_file():
+            raise TunerCheckError(f"--matrix {a.matrix}: no {mx.RESULTS} there")
+        records, _ = mx.read_results(results)
         text = markdown(check(records, folders, a.floor), a.floor)
+        if a.out:
+            atomic_write(a.out, text)
     except SlideSparseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: cannot write {a.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     if a.out:
-        atomic_write(a.out, text)
         print(f"wrote {a.out}")
     else:
         print(text)

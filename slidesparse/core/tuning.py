@@ -206,12 +206,15 @@ def count_layers(shapes: dict[str, tuple[int, int]], lifted_k, dtype: str) -> di
     return counts
 
 
+# what each backend of a table is, in reports
+BACKEND_NAMES = {"dense": "dense", "sparse": "cuSPARSELt", "cutlass": "SlideSparse CUTLASS"}
+
+
 def plan_lines(summary: list[dict]) -> list[str]:
     """The plan summary as text: one line per M bucket, then what it means for a user."""
-    names = {"dense": "dense", "sparse": "cuSPARSELt", "cutlass": "SlideSparse CUTLASS"}
     lines = []
     for r in summary:
-        kinds = ", ".join(f"{names[b]} {c}" for b, c in r["layers"].items() if c)
+        kinds = ", ".join(f"{BACKEND_NAMES[b]} {c}" for b, c in r["layers"].items() if c)
         t = ("not measured" if r["speedup"] is None else
              f"{r['speedup']:.3f}x ({r['us'] / 1000:.3f} against {r['us_dense'] / 1000:.3f} ms dense)")
         lines.append(f"  M <= {r['m_max']}: {kinds}; the linear layers' speed-up over dense, as tuned: {t}")

@@ -37,6 +37,13 @@ _log = logging.getLogger("vllm.slidesparse")  # under vLLM's logger: its handler
 ENV_TUNING = "SLIDESPARSE_TUNING"  # a tuning file that overrides the checkpoint's own
 
 
+def tuning_path(model_name: str) -> str | None:
+    """The tuning file a model is served with: SLIDESPARSE_TUNING, else the checkpoint folder's own
+    slidesparse_tuning.json if there is one; None without either."""
+    own = os.path.join(model_name, TUNING_FILE)
+    return os.environ.get(ENV_TUNING) or (own if os.path.isdir(model_name) and os.path.isfile(own) else None)
+
+
 class SlideSparseQuantConfig(QuantizationConfig):
     """The checkpoint's `quantization_config` block, as vLLM sees it."""
 
@@ -76,11 +83,9 @@ class SlideSparseQuantConfig(QuantizationConfig):
     def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None):
         # Runs in the front-end process at config time: a mismatched checkpoint or tuning file
         # fails here with a clear message, before any engine process starts.
-        path = os.environ.get(ENV_TUNING)
         if os.path.isdir(model_name):
             validate_checkpoint(model_name, self.cfg)
-            own = os.path.join(model_name, TUNING_FILE)
-            path = path or (own if os.path.isfile(own) else None)
+        path = tuning_path(model_name)
         self.tuning = TuningTable.load(path) if path else None
 
     def backend_for(self, device: torch.device) -> Backend:
