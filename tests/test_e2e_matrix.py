@@ -181,6 +181,43 @@ def test_finished_points_are_skipped_failed_ones_only_without_retry():
     assert mx.finished(recs, other) == {("a", "bf16", "decode", 64)}
 
 
+def test_runs_split_the_file_at_session_records_and_fresh_runs_measure_again():
+    s = mx.Settings().key()
+    recs = [_rec("a", "fp8", "prefill", 512), {"kind": "session"}, _rec("a", "fp8", "prefill", 1024),
+            {"kind": "session"}, _rec("a", "fp8", "decode", 64)]
+    assert mx.run_of(recs) == [0, 1, 1, 2, 2]
+    assert mx.finished(recs, s) == {("a", "fp8", "prefill", 512), ("a", "fp8", "prefill", 1024),
+                                    ("a", "fp8", "decode", 64)}
+    assert mx.finished(recs, s, run=2) == {("a", "fp8", "decode", 64)}
+    assert mx.finished(recs, s, run=3) == set()
+
+
+def test_speed_ups_prefer_the_baseline_of_their_own_run_and_mark_the_others(tmp_path):
+    rng = random.Random()
+    t = {k: rng.uniform(1e3, 1e5) for k in ("fp8_1", "sp_1", "fp8_2", "sp_2", "sp6_1")}
+    recs = [{"kind": "session", "time": "t1", "argv": "slidesparse bench e2e --matrix"},
+            _rec("q", "fp8", "prefill", 512, tok_s=t["fp8_1"]), _rec("q", "2_8-fp8", "prefill", 512, tok_s=t["sp_1"]),
+            _rec("q", "2_6-fp8", "prefill", 512, tok_s=t["sp6_1"]),
+            {"kind": "session", "time": "t2", "argv": "slidesparse bench e2e --matrix --fresh-run"},   # a re-run of fp8 and 2_8-fp8 (--fresh-run), not of 2_6-fp8
+            _rec("q", "fp8", "prefill", 512, tok_s=t["fp8_2"]), _rec("q", "2_8-fp8", "prefill", 512, tok_s=t["sp_2"])]
+    rows = {r["variant"]: r for r in mx.table_rows(recs)}
+    assert rows["2_8-fp8"]["speedup"] == pytest.approx(t["sp_2"] / t["fp8_2"]) and rows["2_8-fp8"]["same_run"]
+    # 2_6-fp8 keeps the baseline of its own run, though the fp8 row now shows run 2's
+    assert rows["2_6-fp8"]["speedup"] == pytest.approx(t["sp6_1"] / t["fp8_1"]) and rows["2_6-fp8"]["same_run"]
+    assert rows["fp8"]["tok_s"] == t["fp8_2"]
+    # a run without the baseline (a resumed sweep) compares with the latest one, and says so
+    recs2 = recs[:4] + [{"kind": "session", "time": "t3", "argv": "..."}, _rec("q", "2_10-fp8", "prefill", 512, tok_s=7.0)]
+    rows2 = {r["variant"]: r for r in mx.table_rows(recs2)}
+    assert rows2["2_10-fp8"]["speedup"] == pytest.approx(7.0 / t["fp8_1"]) and rows2["2_10-fp8"]["same_run"] is False
+    f = mx.ResultsFile(tmp_path / mx.RESULTS)
+    for r in recs2:
+        f.append(r)
+    mx.write_report(tmp_path)
+    md = (tmp_path / "e2e_matrix.md").read_text()
+    assert f"7 ({7.0 / t['fp8_1']:.3f}x †)" in md
+    assert f"{t['sp_1']:,.0f} ({t['sp_1'] / t['fp8_1']:.3f}x)" in md
+
+
 # ---------------------------------------------------------------- the step check
 
 BOUNDS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, float("inf")]
@@ -364,6 +401,7 @@ FAKE_WORKER = textwrap.dedent("""
     fake = spec["engine_args"]["fake"]
     with open(fake["calls"], "a") as f:
         f.write(json.dumps({"pid": os.getpid(), "standby": standby, "model": spec["model"],
+                            "no_compile_cache": os.environ.get("VLLM_DISABLE_COMPILE_CACHE"),
                             "points": [[p["phase"], p["m"]] for p in spec["points"]]}) + "\\n")
     if fake.get("startup_fail"):
         print(fake["startup_fail"], file=sys.stderr, flush=True)
@@ -542,6 +580,22 @@ def test_the_next_variants_worker_waits_in_standby_and_is_ended_when_not_needed(
     out2 = tmp_path / "out2"
     mx.run_matrix(plan, out2, ck, mx.Timeouts(60, 60), log=lambda s: None, standby=False)
     assert [c["standby"] for c in _calls(fake)[3:]] == [False, False, False]
+
+
+def test_a_fresh_run_measures_again_and_engines_run_without_the_compile_cache(tmp_path, monkeypatch):
+    plan, ck, fake = _fake_setup(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    mx.run_matrix(plan, out, ck, mx.Timeouts(60, 60), log=lambda s: None)
+    mx.run_matrix(plan, out, ck, mx.Timeouts(60, 60), log=lambda s: None)       # resumes: nothing to do
+    assert len(_calls(fake)) == 1 and _calls(fake)[0]["no_compile_cache"] == "1"
+    mx.run_matrix(plan, out, ck, mx.Timeouts(60, 60), log=lambda s: None, fresh_run=True, compile_cache=True)
+    calls = _calls(fake)
+    assert len(calls) == 2 and len(calls[1]["points"]) == len(plan.points()) and calls[1]["no_compile_cache"] is None
+    recs = mx.read_results(out / mx.RESULTS)[0]
+    assert [r["env"] for r in recs if r.get("kind") == "engine"] == [{"VLLM_DISABLE_COMPILE_CACHE": "1"}, {}]
+    md = (out / "e2e_matrix.md").read_text()
+    # engine time per run: what one sweep cost, not the sum of the two
+    assert sum(line.startswith("m1 (run of ") and "1 engine(s)" in line for line in md.splitlines()) == 2
 
 
 def test_engine_time_sums_start_up_points_and_cross_checks():

@@ -9,7 +9,9 @@
 # variants; sparsegpt (a timed `--prune sparsegpt --device cuda` conversion of the preset, alone
 # after every other stage, or with SGPT_WHEN=beside next to the tests; its output is deleted);
 # tune (every SlideSparse variant in one `slidesparse tune`, the dense timings shared); e2e
-# (`slidesparse bench e2e --matrix`: one vLLM engine per variant, prefill and decode points);
+# (`slidesparse bench e2e --matrix`: one vLLM engine per variant, prefill and decode points;
+# E2E_ARGS adds options, e.g. --fresh-run); crosscheck (stock `vllm bench throughput` of
+# CC_VARIANTS, fp8, at prefill CC_PREFILL_M=16384 and decode CC_DECODE_M=256, beside the sweep's points);
 # e2e_b (a second matrix in e2e_matrix_b/: each of OBJ_VARIANTS tuned with `--objective prefill`
 # on a copy that shares the weights, against the first variant as its baseline in that matrix;
 # engine-to-engine variance is NAME#E in VARIANTS); fusion (tools/gpu_fused_lift_bench.py, then prefill
@@ -39,7 +41,7 @@ RES=${RES:-/root/res}
 MODELS=${MODELS:-/root/models}
 PRESET=${PRESET:-qwen2.5-7b}
 VARIANTS=${VARIANTS:-fp8,2_8-fp8,2_4-fp8,int8,2_8-int8}
-STAGES=${STAGES:-tests sparsegpt tune fusion e2e e2e_b profile hostcost bench gemm gemm010}
+STAGES=${STAGES:-tests sparsegpt tune fusion e2e crosscheck e2e_b profile hostcost bench gemm gemm010}
 OBJ_VARIANTS=${OBJ_VARIANTS:-2_8-fp8}
 PROFILE_VARIANTS=${PROFILE_VARIANTS:-fp8,2_8-fp8}
 mkdir -p "$RES" "$MODELS"
@@ -196,6 +198,17 @@ if [[ " $STAGES " == *" e2e "* ]]; then
   ss bench e2e --matrix --models "$PRESET" --variants "$VARIANTS" --prefill-m "${PREFILL_M:-16384}" \
     --decode-m "${DECODE_M:-256}" --ckpt-dir "$MODELS" --out "$RES/e2e_matrix" ${E2E_ARGS:-} > "$RES/e2e.log" 2>&1
   say "e2e: exit $?"
+fi
+
+if [[ " $STAGES " == *" crosscheck "* ]]; then
+  # the sweep against stock `vllm bench throughput` at one prefill and one decode point, for
+  # CC_VARIANTS (fp8) of the e2e stage's matrix: its points are there, so only the benches run
+  say "cross-check ${CC_VARIANTS:-fp8} (vllm bench throughput)"
+  ss bench e2e --matrix --models "$PRESET" --variants "${CC_VARIANTS:-fp8}" --prefill-m "${PREFILL_M:-16384}" \
+    --decode-m "${DECODE_M:-256}" --ckpt-dir "$MODELS" --out "$RES/e2e_matrix" --crosscheck \
+    --crosscheck-prefill-m "${CC_PREFILL_M:-16384}" --crosscheck-decode-m "${CC_DECODE_M:-256}" \
+    > "$RES/crosscheck.log" 2>&1
+  say "cross-check: exit $?, $(grep -E 'bench' "$RES/crosscheck.log" | tail -n 2 | tr '\n' ' ')"
 fi
 
 if [[ " $STAGES " == *" e2e_b "* ]]; then

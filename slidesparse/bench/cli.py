@@ -188,6 +188,11 @@ def e2e(
     startup_timeout: float = typer.Option(1800, help=f"{_MATRIX}: seconds an engine may take to start"),
     point_timeout: float = typer.Option(900, help=f"{_MATRIX}: seconds a point may take"),
     retry_failed: bool = typer.Option(False, help=f"{_MATRIX}: run failed points again (finished ones are always skipped)"),
+    fresh_run: bool = typer.Option(False, help=f"{_MATRIX}: measure again the points earlier runs in OUT measured "
+                                               "(the report shows the latest, against baselines of its own run)"),
+    compile_cache: bool = typer.Option(False, "--compile-cache/--no-compile-cache",
+                                       help=f"{_MATRIX}: keep vLLM's torch.compile cache (off: every engine compiles "
+                                            "another checkpoint, so the cache is never read; start-up only)"),
     crosscheck: bool = typer.Option(False, help=f"{_MATRIX}: also run `vllm bench throughput` at prefill "
                                                 "--crosscheck-prefill-m and decode --crosscheck-decode-m per variant"),
     crosscheck_prefill_m: int = typer.Option(16384, help=f"{_MATRIX}: 0 for none"),
@@ -220,7 +225,7 @@ def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base
                 prepare_ahead, standby, tune,
                 repeats, max_repeats, target_mad, min_window, min_steps, max_steps, decode_steps, decode_warm_steps,
                 prefill_len, decode_prompt_len,
-                engine_arg, enforce_eager, startup_timeout, point_timeout, retry_failed, crosscheck,
+                engine_arg, enforce_eager, startup_timeout, point_timeout, retry_failed, fresh_run, compile_cache, crosscheck,
                 crosscheck_prefill_m, crosscheck_decode_m, report_only, dry_run):
     import json
     import signal
@@ -275,7 +280,8 @@ def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base
     ck = mx.Checkpoints(ckpt_dir, given=given, bases=bases, tune=tune, delete_after=delete_after)
     if dry_run:
         records, _ = mx.read_results(outdir / mx.RESULTS)
-        done = mx.finished(records, settings.key(), retry_failed)
+        done = mx.finished(records, settings.key(), retry_failed, run=mx.run_of(records + [{"kind": "session"}])[-1]
+                           if fresh_run else None)
         for model in mlist:
             for v in vlist:
                 todo = [p for p in plan.points() if (model, v.name, p["phase"], p["m"]) not in done]
@@ -292,7 +298,8 @@ def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base
     try:
         paths = mx.run_matrix(plan, outdir, ck, mx.Timeouts(startup_timeout, point_timeout), retry_failed=retry_failed,
                               delete_base=delete_base, log=lambda s: typer.echo(s, err=True),
-                              prepare_ahead=prepare_ahead, standby=standby)
+                              prepare_ahead=prepare_ahead, standby=standby, fresh_run=fresh_run,
+                              compile_cache=compile_cache)
     except BaseException as e:
         # Ctrl-C, or the top-level CLI's signal exception (a BaseException): the engine is already
         # stopped (run_engine's finally); keep the report current, then let the signal end the run

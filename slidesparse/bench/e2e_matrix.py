@@ -242,12 +242,24 @@ def point_key(r: dict) -> tuple:
     return (r["model"], r["variant"], r["phase"], int(r["m"]))
 
 
-def finished(records: list[dict], settings_key: dict, retry_failed: bool = False) -> set:
-    """Keys of the points a run with these settings skips: measured (ok) with the same settings,
-    and, unless retry_failed, failed with them."""
-    out = set()
+def run_of(records: list[dict]) -> list[int]:
+    """The run each record belongs to: a run is one `--matrix` invocation, from its session record
+    to the next one (0 for records before any session record). A resumed sweep in a new lease is a
+    new run: its points are compared with baselines of their own run where it has them."""
+    out, run = [], 0
     for r in records:
-        if r.get("kind") != "point" or r.get("settings") != settings_key:
+        run += r.get("kind") == "session"
+        out.append(run)
+    return out
+
+
+def finished(records: list[dict], settings_key: dict, retry_failed: bool = False, run: int | None = None) -> set:
+    """Keys of the points a run with these settings skips: measured (ok) with the same settings,
+    and, unless retry_failed, failed with them; with `run`, only those of that run (--fresh-run:
+    measure again what earlier runs measured)."""
+    out = set()
+    for r, k in zip(records, run_of(records)):
+        if r.get("kind") != "point" or r.get("settings") != settings_key or (run is not None and k != run):
             continue
         if r.get("ok") or not retry_failed:
             out.add(point_key(r))
@@ -516,14 +528,14 @@ class Timeouts:
 class _Worker:
     """One engine process. spec=None starts it in standby: it imports vLLM and waits for activate()."""
 
-    def __init__(self, spec: dict | None, log_path: Path):
+    def __init__(self, spec: dict | None, log_path: Path, env: dict | None = None):
         self.log_path = log_path
         self.spec_path = None
         if spec is not None:
             self.spec_path = self._write_spec(spec)
         r, w = os.pipe()
         self.log_file = open(log_path, "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen([*WORKER_CMD, self.spec_path or "-", "--msg-fd", str(w)], stdout=self.log_file,
                                      stderr=subprocess.STDOUT, stdin=subprocess.PIPE if spec is None else subprocess.DEVNULL,
                                      pass_fds=(w,), env=env, start_new_session=True)
@@ -640,14 +652,22 @@ def engine_log_path(log_dir: Path, model: str, v: Variant) -> Path:
     return log_dir / f"engine_{_slug(model)}__{_slug(v.name)}__{n}.log"
 
 
-def standby_worker(log_dir: Path, model: str, v: Variant) -> _Worker:
+def engine_env(compile_cache: bool) -> dict:
+    """Environment for the sweep's vLLM processes. Without compile_cache, vLLM's torch.compile cache
+    is off: every engine of a sweep compiles a different checkpoint on a host that starts empty, so
+    the cache is written and never read (saving it took about 9 s of a 7B engine's start-up on the
+    H200). It changes start-up only: the compiled graph and the kernels a step runs are the same."""
+    return {} if compile_cache else {"VLLM_DISABLE_COMPILE_CACHE": "1"}
+
+
+def standby_worker(log_dir: Path, model: str, v: Variant, env: dict | None = None) -> _Worker:
     """A worker for (model, v) that imports vLLM now and starts its engine when run_engine hands it the spec."""
-    return _Worker(None, engine_log_path(log_dir, model, v))
+    return _Worker(None, engine_log_path(log_dir, model, v), env)
 
 
 def run_engine(model: str, v: Variant, ckpt: Path, points: list[dict], settings: Settings, results: ResultsFile,
                log_dir: Path, timeouts: Timeouts, common: dict, log=print, max_restarts: int = 4,
-               worker: _Worker | None = None) -> None:
+               worker: _Worker | None = None, env: dict | None = None) -> None:
     """Measure `points` of (model, variant) in one engine, restarting it after a crash for the
     points that are left. Every outcome is appended to `results` as soon as it is known.
     worker: a standby worker for this variant (standby_worker), used for the first engine."""
@@ -665,7 +685,7 @@ def run_engine(model: str, v: Variant, ckpt: Path, points: list[dict], settings:
         else:
             log_path = engine_log_path(log_dir, model, v)
             log(f"  engine {v.name}: {len(todo)} point(s), log {log_path}")
-            w = _Worker(spec, log_path)
+            w = _Worker(spec, log_path, env)
         t0 = time.time()
         base = {**common, "model": model, "variant": v.name, "ckpt": str(ckpt), "settings": settings.key(),
                 "engine_log": str(log_path)}
@@ -692,6 +712,7 @@ def run_engine(model: str, v: Variant, ckpt: Path, points: list[dict], settings:
                 log(f"    start-up FAILED ({kind}): {err}")
                 return
             engine = {"startup_s": msg["startup_s"], "import_s": msg.get("import_s"), "standby": msg.get("standby"),
+                      "env": dict(env or {}),
                       "vllm": msg.get("vllm"), "kv_cache_tokens": msg.get("kv_cache_tokens"),
                       "engine_args": msg.get("engine_args"), "tuning": msg.get("tuning"),
                       **engine_log_info(_tail(log_path, 2_000_000))}
@@ -779,16 +800,23 @@ def _now() -> str:
 
 # ---------------------------------------------------------------- the cross-check (vllm bench throughput)
 
+# bench's elapsed time holds what the sweep's difference of two runs removes (request set-up, the
+# first step's latency, the last one's drain): on Llama-3.2-1B's 45 ms steps 32 steps left about
+# 8% of it in (history/matrix_session_2026-12-02f); 64 halve its share
+CROSSCHECK_PREFILL_STEPS = 64
+
+
 def bench_throughput(ckpt: Path, phase: str, m: int, settings: Settings, v: Variant, log_path: Path,
-                     timeout: float) -> dict:
+                     timeout: float, env: dict | None = None) -> dict:
     """One stock `vllm bench throughput` at the point (phase, M), shaped like the sweep's point:
-    prefill: prompts of min(M, prefill_len) tokens, 1 output token, M batched tokens (32 steps);
+    prefill: prompts of min(M, prefill_len) tokens, 1 output token, M batched tokens
+    (CROSSCHECK_PREFILL_STEPS steps);
     decode: M prompts of decode_prompt_len tokens, decode_steps + 1 output tokens, M sequences.
     Returns the prompt (prefill) or output (decode) tokens per second it reports."""
     from .e2e import bench_command
     if phase == "prefill":
         p = min(m, settings.prefill_len)
-        inp, outp, n, batched, seqs = p, 1, 32 * (m // p), m, max(1, m // p)
+        inp, outp, n, batched, seqs = p, 1, CROSSCHECK_PREFILL_STEPS * (m // p), m, max(1, m // p)
     else:
         inp, outp, n, seqs = settings.decode_prompt_len, settings.decode_steps + 1, m, m
         batched = max(m * (inp + 1), inp + outp + 16)
@@ -802,7 +830,8 @@ def bench_throughput(ckpt: Path, phase: str, m: int, settings: Settings, v: Vari
                             [sys.executable, "-m", "vllm.entrypoints.cli.main"], tuple(extra))
         t0 = time.time()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                               env=dict(os.environ, **(env or {})))
         except subprocess.TimeoutExpired as e:
             log_path.write_text(f"{shlex.join(cmd)}\n{e.stdout or ''}\n{e.stderr or ''}")
             return {"ok": False, "error": f"timed out after {timeout:.0f} s", "error_kind": "timeout", "command": shlex.join(cmd)}
@@ -864,10 +893,14 @@ class Plan:
 
 def run_matrix(plan: Plan, out: Path, ckpts: Checkpoints, timeouts: Timeouts, retry_failed: bool = False,
                delete_base: bool = False, log=print, argv: list[str] | None = None,
-               prepare_ahead: bool = False, standby: bool = True) -> list[Path]:
+               prepare_ahead: bool = False, standby: bool = True, fresh_run: bool = False,
+               compile_cache: bool = False) -> list[Path]:
     """Run every missing point of the plan; returns the report files. KeyboardInterrupt propagates
     after the worker is stopped (the results file stays valid; render the report from it).
-    standby: start the next variant's worker (vLLM's import, CPU only) while this one's engine starts."""
+    standby: start the next variant's worker (vLLM's import, CPU only) while this one's engine starts.
+    fresh_run: points of earlier runs count as missing (measured again; the report shows the latest).
+    compile_cache: keep vLLM's torch.compile cache on (engine_env)."""
+    env = engine_env(compile_cache)
     out.mkdir(parents=True, exist_ok=True)
     log_dir = out / "logs"
     log_dir.mkdir(exist_ok=True)
@@ -883,11 +916,12 @@ def run_matrix(plan: Plan, out: Path, ckpts: Checkpoints, timeouts: Timeouts, re
     for model in plan.models:
         log(f"== {model}")
         records, _ = read_results(out / RESULTS)
-        done = finished(records, skey, retry_failed)
+        this_run = run_of(records)[-1] if fresh_run else None
+        done = finished(records, skey, retry_failed, run=this_run)
         jobs = []
         for v in plan.variants:
             todo = [p for p in plan.points() if (model, v.name, p["phase"], p["m"]) not in done]
-            cc_todo = _crosscheck_todo(records, model, v, plan, skey, retry_failed)
+            cc_todo = _crosscheck_todo(records, model, v, plan, skey, retry_failed, run=this_run)
             if todo or cc_todo:
                 jobs.append((v, todo, cc_todo))
             else:
@@ -913,7 +947,7 @@ def run_matrix(plan: Plan, out: Path, ckpts: Checkpoints, timeouts: Timeouts, re
                 # vLLM's import in the next variant's worker: after this preparation (whose tuning times
                 # host work), beside this engine's start-up (CPU work), done before its first point
                 if standby and nxt is not None and jobs[i + 1][1]:
-                    waiting = standby_worker(log_dir, model, nxt)
+                    waiting = standby_worker(log_dir, model, nxt, env)
                 if ckpt is None or not todo:
                     if mine is not None:
                         mine.stop()
@@ -924,13 +958,14 @@ def run_matrix(plan: Plan, out: Path, ckpts: Checkpoints, timeouts: Timeouts, re
                     ahead, beside = ckpts.convert_in_background(model, nxt), nxt.name
                 if todo:
                     run_engine(model, v, ckpt, todo, plan.settings, results, log_dir, timeouts,
-                               {**common, "concurrent_prepare": beside}, log=log, worker=mine)
+                               {**common, "concurrent_prepare": beside}, log=log, worker=mine, env=env)
                 for phase, m in cc_todo:
                     log(f"  {v.name}: cross-check {phase} M={m} (vllm bench throughput)")
                     lp = log_dir / f"crosscheck_{_slug(model)}__{_slug(v.name)}__{phase}_{m}.log"
-                    r = bench_throughput(ckpt, phase, m, plan.settings, v, lp, timeouts.startup_s + timeouts.point_s)
+                    r = bench_throughput(ckpt, phase, m, plan.settings, v, lp, timeouts.startup_s + timeouts.point_s,
+                                         env)
                     results.append({"kind": "crosscheck", "model": model, "variant": v.name, "phase": phase, "m": m,
-                                    "settings": skey, "log": str(lp), **common, **r, "time": _now()})
+                                    "settings": skey, "log": str(lp), "env": env, **common, **r, "time": _now()})
                     log(f"    bench: {r['tok_s']:,.0f} tok/s" if r["ok"] else f"    bench FAILED: {r['error']}")
                 write_report(out)
                 if ckpts.path(model, v) not in {ckpts.path(model, w) for w, _, _ in jobs[i + 1:]}:
@@ -946,8 +981,9 @@ def run_matrix(plan: Plan, out: Path, ckpts: Checkpoints, timeouts: Timeouts, re
     return write_report(out)
 
 
-def _crosscheck_todo(records, model, v, plan, skey, retry_failed) -> list[tuple[str, int]]:
-    have = {(r["phase"], int(r["m"])) for r in records if r.get("kind") == "crosscheck" and r.get("model") == model
+def _crosscheck_todo(records, model, v, plan, skey, retry_failed, run=None) -> list[tuple[str, int]]:
+    have = {(r["phase"], int(r["m"])) for r, k in zip(records, run_of(records))
+            if r.get("kind") == "crosscheck" and r.get("model") == model and (run is None or k == run)
             and r.get("variant") == v.name and r.get("settings") == skey and (r.get("ok") or not retry_failed)}
     return [c for c in plan.crosscheck if c not in have]
 
@@ -983,20 +1019,35 @@ def _order(names: list[str]) -> list[str]:
 
 
 def table_rows(records: list[dict]) -> list[dict]:
-    """One row per point: tok/s and the speed-up over the variant's baseline at the same M."""
-    pts = latest(records, "point")
+    """One row per point: tok/s and the speed-up over the variant's baseline at the same M,
+    measured the same way (same settings). The baseline of the point's own run is preferred (same
+    lease, same machine); failing that, the latest one, and the row says so (same_run False):
+    on the H200 identical kernels read 0.97-1.01x from one lease to the next."""
+    runs = run_of(records)
+    pts, run_pts = {}, {}
+    for r, k in zip(records, runs):
+        if r.get("kind") == "point":
+            pts[point_key(r)] = (r, k)
+            run_pts[(point_key(r), k)] = r
     rows = []
-    for (model, variant, phase, m), r in pts.items():
+    for (model, variant, phase, m), (r, k) in pts.items():
         v = parse_variant(variant)
         row = {"model": model, "variant": variant, "phase": phase, "m": m, "ok": bool(r.get("ok")),
                "tok_s": r.get("tok_s"), "step_ms": (r["step_s"] * 1e3) if r.get("step_s") else None,
-               "spread": r.get("spread"), "baseline": v.baseline, "speedup": None,
+               "spread": r.get("spread"), "baseline": v.baseline, "speedup": None, "same_run": None,
                "error_kind": r.get("error_kind"), "error": r.get("error"),
                "weights_gib": (r.get("engine") or {}).get("weights_gib")}
-        b = pts.get((model, v.baseline, phase, m)) if v.baseline else None
-        # only against a baseline measured the same way (a re-run with other settings is not)
-        if row["ok"] and b and b.get("ok") and b.get("settings") == r.get("settings"):
-            row["speedup"] = r["tok_s"] / b["tok_s"]
+
+        def usable(b):   # only a baseline measured the same way (a re-run with other settings is not)
+            return b is not None and b.get("ok") and b.get("settings") == r.get("settings")
+        if row["ok"] and v.baseline:
+            bkey = (model, v.baseline, phase, m)
+            b = run_pts.get((bkey, k))
+            same = usable(b)
+            if not same:
+                b = pts.get(bkey, (None, None))[0]
+            if usable(b):
+                row["speedup"], row["same_run"] = r["tok_s"] / b["tok_s"], same
         rows.append(row)
     models = list(dict.fromkeys(r["model"] for r in rows))
     order = _order(list({r["variant"] for r in rows}))
@@ -1009,7 +1060,16 @@ def engine_time(records: list[dict]) -> dict:
     as the driver waited for it (a standby worker's vLLM import is not in it), the points' own time,
     and the cross-checks' `vllm bench throughput` processes."""
     out: dict = {}
-    for r in records:
+    for (_, model, variant), t in _time_by_run(records).items():
+        acc = out.setdefault((model, variant), dict.fromkeys(t, 0))
+        for k, x in t.items():
+            acc[k] += x
+    return out
+
+
+def _time_by_run(records: list[dict]) -> dict:
+    out: dict = {}
+    for r, run in zip(records, run_of(records)):
         kind = r.get("kind")
         if kind == "engine" and r.get("ok"):
             field, s = "startup_s", r.get("startup_s") or 0.0
@@ -1019,7 +1079,7 @@ def engine_time(records: list[dict]) -> dict:
             field, s = "crosscheck_s", r["wall_s"]
         else:
             continue
-        t = out.setdefault((r.get("model"), r.get("variant")),
+        t = out.setdefault((run, r.get("model"), r.get("variant")),
                            {"startup_s": 0.0, "points_s": 0.0, "crosscheck_s": 0.0, "engines": 0})
         t[field] += s
         t["engines"] += kind == "engine"
@@ -1044,13 +1104,22 @@ def engine_lines(records: list[dict], engines: dict) -> list[str]:
                      f"{f(e, 'weights_gib', '{:.2f}')} | {f(e, 'compile_s')} | {f(e, 'graph_capture_s')} | "
                      f"{f(e, 'kv_cache_tokens', '{:,}')} |")
     lines.append("")
-    for model in dict.fromkeys(m for m, _ in times):
-        t = [v for (m, _), v in times.items() if m == model]
-        st, pt, cc = (sum(x[k] for x in t) for k in ("startup_s", "points_s", "crosscheck_s"))
-        n = sum(x["engines"] for x in t)
-        lines.append(f"{model}: {n} engine(s), {(st + pt) / 60:.1f} min of engine time ({st / 60:.1f} start-up, "
-                     f"{pt / 60:.1f} points)" + (f", {cc / 60:.1f} min of cross-checks" if cc else "") +
-                     "; checkpoint preparation and tuning not included.")
+    # per model and run: what one sweep (one invocation, one lease) cost, not the sum over re-runs
+    by_run = _time_by_run(records)
+    started = {}
+    for r, k in zip(records, run_of(records)):
+        if r.get("kind") == "session":
+            started[k] = r.get("time")
+    for model in dict.fromkeys(m for _, m, _ in by_run):
+        runs = sorted({k for k, m, _ in by_run if m == model})
+        for run in runs:
+            t = [v for (k, m, _), v in by_run.items() if m == model and k == run]
+            st, pt, cc = (sum(x[k] for x in t) for k in ("startup_s", "points_s", "crosscheck_s"))
+            n = sum(x["engines"] for x in t)
+            label = f" (run of {started.get(run) or 'unknown time'})" if len(runs) > 1 else ""
+            lines.append(f"{model}{label}: {n} engine(s), {(st + pt) / 60:.1f} min of engine time ({st / 60:.1f} "
+                         f"start-up, {pt / 60:.1f} points)" + (f", {cc / 60:.1f} min of cross-checks" if cc else "") +
+                         "; checkpoint preparation and tuning not included.")
     lines.append("")
     return lines
 
@@ -1079,7 +1148,10 @@ def markdown(records: list[dict]) -> str:
     if beside:
         lines.append(f"Measured while the next variant was converted beside the engine (--prepare-ahead): {', '.join(beside)}.")
     lines += ["", "Speed-up: SlideSparse 2_L-DT over the dense W8A8 DT export (2_L-bf16 over bf16); the dense "
-              "8-bit rows over bf16. `failed (kind)` rows are listed with their messages at the end.", ""]
+              "8-bit rows over bf16, each against the baseline of its own run (one `--matrix` invocation: one "
+              "lease, one machine) where that run measured it. † marks a speed-up over a baseline of another "
+              "run (a resumed sweep): identical kernels read 0.97-1.01x from one H200 lease to the next. "
+              "`failed (kind)` rows are listed with their messages at the end.", ""]
     failures = []
     for model, phase, sub, ms in _by_model_phase(rows):
         unit = "prompt tokens/s, M = tokens per step" if phase == "prefill" else "output tokens/s, M = concurrent sequences"
@@ -1104,7 +1176,7 @@ def markdown(records: list[dict]) -> str:
                 else:
                     s = f"{r['tok_s']:,.0f}"
                     if r["speedup"] is not None:
-                        s += f" ({r['speedup']:.3f}x)"
+                        s += f" ({r['speedup']:.3f}x{'' if r['same_run'] else ' †'})"
                     out.append(s)
             lines.append(f"| {variant} | {wcell} | " + " | ".join(out) + " |")
         lines.append("")
@@ -1129,7 +1201,8 @@ def markdown(records: list[dict]) -> str:
             ratio = p["tok_s"] / r["tok_s"]
             lines.append(f"| {k[0]} | {k[1]} | {k[2]} M={k[3]} | {p['tok_s']:,.0f} | {r['tok_s']:,.0f} | {ratio:.3f} | "
                          f"{'yes' if abs(ratio - 1) <= 0.05 else '**no**'} |")
-        lines += ["", "bench: prefill prompts of the sweep's length, 1 output token, 32 steps of M batched tokens; "
+        lines += ["", f"bench: prefill prompts of the sweep's length, 1 output token, {CROSSCHECK_PREFILL_STEPS} steps "
+                  "of M batched tokens (32 before 2026-12-03); "
                   "decode M prompts, the sweep's window + 1 output tokens (its elapsed time includes the prefill "
                   "step the sweep's difference removes).", ""]
     if engines:
@@ -1200,6 +1273,10 @@ def plot(records: list[dict], path: Path) -> bool:
             ax.plot([r["m"] for r in good], [r["speedup"] for r in good], marker="o",
                     color=colour[variant.split("-")[0]], ls="-" if engine == 1 else "--",
                     label=variant.split("-")[0] + (f" #{engine}" if engine > 1 else ""))
+            other = [r for r in good if not r["same_run"]]
+            if other:    # over a baseline of another run: open markers
+                ax.plot([r["m"] for r in other], [r["speedup"] for r in other], "o", mfc="white",
+                        color=colour[variant.split("-")[0]])
             bad = [r for r in pts if not r["ok"]]
             if bad:
                 ax.plot([r["m"] for r in bad], [1.0] * len(bad), "x", color="red", ms=9)
@@ -1210,7 +1287,8 @@ def plot(records: list[dict], path: Path) -> bool:
         ax.set_xlabel("M (tokens per step)" if phase == "prefill" else "M (concurrent sequences)", fontsize=8)
         ax.set_ylabel(f"speed-up vs dense {dt}", fontsize=8)
         ax.legend(fontsize=7)
-    fig.suptitle("SlideSparse end to end in vLLM (red x: failed point; dotted: 0.98x)", fontsize=10)
+    fig.suptitle("SlideSparse end to end in vLLM (red x: failed point; open: baseline of another run; "
+                 "dotted: 0.98x)", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -1219,7 +1297,7 @@ def plot(records: list[dict], path: Path) -> bool:
     return True
 
 
-CSV_FIELDS = ("model", "variant", "phase", "m", "ok", "tok_s", "speedup", "baseline", "step_ms", "spread",
+CSV_FIELDS = ("model", "variant", "phase", "m", "ok", "tok_s", "speedup", "baseline", "same_run", "step_ms", "spread",
               "weights_gib", "error_kind", "error")
 
 
