@@ -165,11 +165,17 @@ if [[ " $STAGES " == *" gemm "* ]]; then
   say "gemm: exit $?"
 fi
 
-if [[ " $STAGES " == *" tune "* ]] && [ ${#sparse_ckpts[@]} -gt 0 ]; then
-  say "tune ${#sparse_ckpts[@]} checkpoints"
-  ( time ss tune "${sparse_ckpts[@]}" ${TUNE_M:+--m "$TUNE_M"} ) > "$RES/tune.log" 2>&1
+# the checkpoints the preparation made (a conversion can fail, e.g. on a full disk: the 64 GB host
+# holds the 7B base and about six 8-bit variants; one missing folder must not stop the others' tuning)
+ready_ckpts=()
+for d in "${sparse_ckpts[@]}"; do
+  if [ -f "$d/config.json" ]; then ready_ckpts+=("$d"); else say "not made (prepare.log says why): $d"; fi
+done
+if [[ " $STAGES " == *" tune "* ]] && [ ${#ready_ckpts[@]} -gt 0 ]; then
+  say "tune ${#ready_ckpts[@]} checkpoints"
+  ( time ss tune "${ready_ckpts[@]}" ${TUNE_M:+--m "$TUNE_M"} ) > "$RES/tune.log" 2>&1
   mkdir -p "$RES/tuning"
-  for d in "${sparse_ckpts[@]}"; do cp "$d/slidesparse_tuning.json" "$RES/tuning/$(basename "$d").json" 2>/dev/null; done
+  for d in "${ready_ckpts[@]}"; do cp "$d/slidesparse_tuning.json" "$RES/tuning/$(basename "$d").json" 2>/dev/null; done
   say "tune: $(grep -c wrote "$RES/tune.log") written, $(grep real "$RES/tune.log")"
 fi
 

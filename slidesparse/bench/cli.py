@@ -190,6 +190,9 @@ def e2e(
     retry_failed: bool = typer.Option(False, help=f"{_MATRIX}: run failed points again (finished ones are always skipped)"),
     fresh_run: bool = typer.Option(False, help=f"{_MATRIX}: measure again the points earlier runs in OUT measured "
                                                "(the report shows the latest, against baselines of its own run)"),
+    clock_log: bool = typer.Option(True, "--clock-log/--no-clock-log",
+                                   help=f"{_MATRIX}: log the GPU's SM clock and clock events (nvidia-smi, 100 ms) "
+                                        "beside the sweep; the report flags points whose runs differ"),
     compile_cache: bool = typer.Option(False, "--compile-cache/--no-compile-cache",
                                        help=f"{_MATRIX}: keep vLLM's torch.compile cache (off: every engine compiles "
                                             "another checkpoint, so the cache is never read; start-up only)"),
@@ -225,7 +228,8 @@ def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base
                 prepare_ahead, standby, tune,
                 repeats, max_repeats, target_mad, min_window, min_steps, max_steps, decode_steps, decode_warm_steps,
                 prefill_len, decode_prompt_len,
-                engine_arg, enforce_eager, startup_timeout, point_timeout, retry_failed, fresh_run, compile_cache, crosscheck,
+                engine_arg, enforce_eager, startup_timeout, point_timeout, retry_failed, fresh_run, clock_log, compile_cache,
+                crosscheck,
                 crosscheck_prefill_m, crosscheck_decode_m, report_only, dry_run):
     import json
     import signal
@@ -299,7 +303,7 @@ def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base
         paths = mx.run_matrix(plan, outdir, ck, mx.Timeouts(startup_timeout, point_timeout), retry_failed=retry_failed,
                               delete_base=delete_base, log=lambda s: typer.echo(s, err=True),
                               prepare_ahead=prepare_ahead, standby=standby, fresh_run=fresh_run,
-                              compile_cache=compile_cache)
+                              compile_cache=compile_cache, clock_log=clock_log)
     except BaseException as e:
         # Ctrl-C, or the top-level CLI's signal exception (a BaseException): the engine is already
         # stopped (run_engine's finally); keep the report current, then let the signal end the run

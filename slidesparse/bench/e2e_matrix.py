@@ -38,6 +38,8 @@ from pathlib import Path
 
 from ..core.errors import SlideSparseError
 from ..core.io import atomic_write
+from . import gpu_clocks
+from .gpu_clocks import ClockLog
 
 DEFAULT_VARIANTS = "bf16,fp8,int8,2_4-fp8,2_6-fp8,2_8-fp8,2_10-fp8,2_4-int8,2_6-int8,2_8-int8,2_10-int8"
 DEFAULT_PREFILL_M = "512,1024,2048,4096,8192,16384,32768,65536"
@@ -894,16 +896,19 @@ class Plan:
 def run_matrix(plan: Plan, out: Path, ckpts: Checkpoints, timeouts: Timeouts, retry_failed: bool = False,
                delete_base: bool = False, log=print, argv: list[str] | None = None,
                prepare_ahead: bool = False, standby: bool = True, fresh_run: bool = False,
-               compile_cache: bool = False) -> list[Path]:
+               compile_cache: bool = False, clock_log: bool = True) -> list[Path]:
     """Run every missing point of the plan; returns the report files. KeyboardInterrupt propagates
     after the worker is stopped (the results file stays valid; render the report from it).
     standby: start the next variant's worker (vLLM's import, CPU only) while this one's engine starts.
     fresh_run: points of earlier runs count as missing (measured again; the report shows the latest).
-    compile_cache: keep vLLM's torch.compile cache on (engine_env)."""
+    compile_cache: keep vLLM's torch.compile cache on (engine_env).
+    clock_log: log the GPU's clocks beside the sweep (bench/gpu_clocks.py; where nvidia-smi exists)."""
     env = engine_env(compile_cache)
     out.mkdir(parents=True, exist_ok=True)
     log_dir = out / "logs"
     log_dir.mkdir(exist_ok=True)
+    clock_path = log_dir / f"gpu_clocks_{time.strftime('%Y%m%dT%H%M%S')}.csv"
+    clocks = ClockLog.start(clock_path) if clock_log else None
     ckpts.log_dir = log_dir
     results = ResultsFile(out / RESULTS)
     skey = plan.settings.key()
@@ -911,7 +916,18 @@ def run_matrix(plan: Plan, out: Path, ckpts: Checkpoints, timeouts: Timeouts, re
     results.append({"kind": "session", "argv": "slidesparse " + shlex.join((argv or sys.argv)[1:]), "time": _now(), **host,
                     "plan": {"models": plan.models, "variants": [v.name for v in plan.variants],
                              "prefill_m": plan.prefill_ms, "decode_m": plan.decode_ms, "settings": skey,
-                             "crosscheck": plan.crosscheck}})
+                             "crosscheck": plan.crosscheck},
+                    "clock_log": clock_path.name if clocks else None})
+    try:
+        return _run_models(plan, out, ckpts, timeouts, retry_failed, delete_base, log, prepare_ahead, standby,
+                           fresh_run, env, results, skey, host, log_dir)
+    finally:
+        if clocks is not None:
+            clocks.stop()
+
+
+def _run_models(plan, out, ckpts, timeouts, retry_failed, delete_base, log, prepare_ahead, standby, fresh_run,
+                env, results, skey, host, log_dir) -> list[Path]:
     common = {"gpu": host["gpu"], "code": host["code"]}
     for model in plan.models:
         log(f"== {model}")
@@ -1124,7 +1140,7 @@ def engine_lines(records: list[dict], engines: dict) -> list[str]:
     return lines
 
 
-def markdown(records: list[dict]) -> str:
+def markdown(records: list[dict], clock_samples: list[dict] | None = None) -> str:
     rows = table_rows(records)
     sessions = [r for r in records if r.get("kind") == "session"]
     engines = _engines(records)
@@ -1207,6 +1223,8 @@ def markdown(records: list[dict]) -> str:
                   "step the sweep's difference removes).", ""]
     if engines:
         lines += engine_lines(records, engines)
+    if clock_samples:
+        lines += gpu_clocks.report_lines(list(latest(records, "point").values()), clock_samples)
     if failures:
         lines += ["## Failures", ""]
         for r in failures:
@@ -1318,7 +1336,7 @@ def write_report(out: Path) -> list[Path]:
            "crosschecks": [r for r in records if r.get("kind") == "crosscheck"],
            "sessions": [r for r in records if r.get("kind") == "session"]}
     atomic_write(paths[1], json.dumps(doc, indent=1, default=str))
-    atomic_write(paths[2], markdown(records))
+    atomic_write(paths[2], markdown(records, gpu_clocks.read_logs(out / "logs")))
     try:
         if plot(records, out / "e2e_matrix.png"):
             paths.append(out / "e2e_matrix.png")

@@ -206,6 +206,7 @@ class Sweep:
         self.vocab = llm.llm_engine.model_config.get_vocab_size()
         self.rng = np.random.default_rng(spec.get("seed", 0))
         self.run_id = 0
+        self.windows: list[list[float]] = []   # wall-clock [start, end] of every run, for the GPU clock log
 
     def _prompts(self, n: int, length: int) -> list[dict]:
         # fresh random tokens every run: no prefix-cache hits (the checks would see them)
@@ -219,10 +220,12 @@ class Sweep:
         sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args={SWEEP_KEY: tag})
         for i, p in enumerate(self._prompts(n, length)):
             self.engine.add_request(f"s{self.run_id}-{i}", p, sp)
-        t0 = time.perf_counter()
+        w0, t0 = time.time(), time.perf_counter()
         while self.engine.has_unfinished_requests():
             self.engine.step()
-        return time.perf_counter() - t0
+        t = time.perf_counter() - t0
+        self.windows.append([w0, w0 + t])
+        return t
 
     def _checked_run(self, n, length, max_tokens, budget, expected_steps, checks):
         before = _metrics(self.llm)
@@ -252,6 +255,7 @@ class Sweep:
 
     def _measure(self, phase, m, run, s1, seqs, prompt_len, fixed_delta=None) -> dict:
         checks: list = []
+        first_run = len(self.windows)
         warm = run(s1 + 2, checks)                     # warm-up at this shape, and a first step-time estimate
         if fixed_delta:
             delta = fixed_delta
@@ -268,7 +272,9 @@ class Sweep:
                "run_s_short": t1s, "run_s_long": t2s,
                "spread": (max(per_step) - min(per_step)) / med if med > 0 else None,
                "mad": mad(per_step) / med if med > 0 else None,
-               "checked_runs": len(checks), "steps_checked": sum(c["steps"] for c in checks)}
+               "checked_runs": len(checks), "steps_checked": sum(c["steps"] for c in checks),
+               # the warm-up run, then the short and long run of each pair in turn
+               "run_windows": self.windows[first_run:]}
         if phase == "decode":
             rec["context"] = [prompt_len + s1 + 1, prompt_len + s1 + delta + 1]
         if bad:

@@ -1,0 +1,146 @@
+"""bench/gpu_clocks.py: parsing nvidia-smi's samples, summarizing timed runs' windows, the flags,
+and the logger process (a stand-in nvidia-smi), alone and beside the matrix driver."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import random
+import sys
+import textwrap
+import time
+
+from slidesparse.bench import e2e_matrix as mx
+from slidesparse.bench import gpu_clocks as gc
+
+
+def _line(t: float, mhz: float, reasons: int = 0, power="350.5") -> str:
+    stamp = dt.datetime.fromtimestamp(t).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+    return f"{stamp}, {mhz:.0f}, {power}, 45, 100, 0x{reasons:016x}"
+
+
+def test_lines_parse_and_bad_ones_are_skipped():
+    t = time.time()
+    r = gc.parse_line(_line(t, 1980, 0x4))
+    assert abs(r["t"] - t) < 1e-3 and r["sm_mhz"] == 1980 and r["power_w"] == 350.5 and r["reasons"] == 4
+    assert gc.parse_line(_line(t, 1500, power="[N/A]"))["power_w"] is None
+    for bad in ("", "timestamp, clocks.sm", "2026/12/03 08:00:00.000, x, 1, 2, 3, 0x0", "a, b, c"):
+        assert gc.parse_line(bad) is None
+    assert gc.reason_names(0x4 | 0x40) == ["power cap", "thermal (hardware)"]
+    assert gc.reason_names(0x1000) == ["0x1000"]
+
+
+def test_windows_summarize_their_own_samples_and_flag_differing_runs():
+    rng = random.Random()
+    t0 = 1_800_000_000.0
+    slow = rng.uniform(1200, 1700)
+    samples = [gc.parse_line(_line(t0 + i * 0.1, 1980 if i < 20 else slow, 0x1 if i % 7 == 0 else 0))
+               for i in range(40)]
+    runs = gc.summarize(samples, [[t0, t0 + 1.95], [t0 + 2.0, t0 + 3.95], [t0 + 10, t0 + 11]])
+    assert runs[0]["sm_mhz"] == [1980, 1980, 1980] and runs[0]["n"] == 20 and runs[0]["reasons"] == 0x1
+    assert runs[1]["sm_mhz"][1] == float(f"{slow:.0f}") and runs[2] is None
+    flags = gc.point_flags(runs)
+    assert len(flags) == 1 and flags[0].startswith("SM clock") and "1980" in flags[0]
+    # idle between steps is not a slowdown; a power cap is
+    assert gc.point_flags([runs[0]]) == []
+    capped = dict(runs[0], reasons=0x5)
+    assert gc.point_flags([capped]) == ["clock events: power cap"]
+    assert gc.point_flags(None) == [] and gc.point_flags([None]) == []
+
+
+FAKE_SMI = textwrap.dedent("""
+    import datetime, sys, time
+    args = " ".join(sys.argv[1:])
+    if "clocks_event_reasons" in args and "{old_only}" == "1":
+        print("Field \\"clocks_event_reasons.active\\" is not a valid field to query.", file=sys.stderr)
+        sys.exit(2)
+    import os
+    def line(i):
+        stamp = datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+        mhz = 1980 if i % 2 else 1410
+        if os.environ.get("FAKE_CLOCK_FILE"):     # the clock the test sets
+            try:
+                mhz = int(open(os.environ["FAKE_CLOCK_FILE"]).read())
+            except (OSError, ValueError):
+                pass
+        return f"{{stamp}}, {{mhz}}, 300.0, 40, 90, 0x0000000000000000"
+    if "-lms" not in args:
+        print(line(1))
+        sys.exit(0)
+    i = 0
+    while True:
+        print(line(i), flush=True)
+        i += 1
+        time.sleep(0.1)
+""")
+
+
+def _fake_smi(tmp_path, old_only=False):
+    p = tmp_path / "nvidia-smi"
+    p.write_text(f"#!{sys.executable}\n" + FAKE_SMI.format(old_only="1" if old_only else "0"))
+    p.chmod(0o755)
+    return p
+
+
+def test_the_logger_samples_until_stopped_and_falls_back_to_the_old_field_name(tmp_path):
+    for old in (False, True):
+        log = gc.ClockLog.start(tmp_path / f"c{old}.csv", nvidia_smi=str(_fake_smi(tmp_path, old)))
+        assert log is not None
+        t0 = time.time()
+        time.sleep(1.0)
+        runs = log.windows([[t0, time.time()]])
+        log.stop()
+        assert log.proc.poll() is not None
+        assert runs[0]["n"] >= 3 and runs[0]["sm_mhz"][0] == 1410 and runs[0]["sm_mhz"][2] == 1980
+    # no nvidia-smi, or one that fails: no log, and no error
+    assert gc.ClockLog.start(tmp_path / "x.csv", nvidia_smi=str(tmp_path / "missing")) is None
+    bad = tmp_path / "bad-smi"
+    bad.write_text("#!/bin/sh\nexit 9\n")
+    bad.chmod(0o755)
+    assert gc.ClockLog.start(tmp_path / "y.csv", nvidia_smi=str(bad)) is None
+
+
+def test_the_matrix_report_flags_points_whose_runs_saw_other_clocks(tmp_path, monkeypatch):
+    """The driver starts the log beside the sweep and names it in the session record; the report
+    sets each point's run windows against it and flags the point whose runs ran at other clocks."""
+    from test_e2e_matrix import _fake_setup
+    plan, ck, fake = _fake_setup(tmp_path, monkeypatch)
+    clock = tmp_path / "clock.txt"
+    clock.write_text("1980")
+    monkeypatch.setenv("FAKE_CLOCK_FILE", str(clock))
+    # the stand-in worker times two runs per point; at decode M=128 the second one at 1410 MHz
+    worker = (tmp_path / "worker.py").read_text()
+    worker = worker.replace('    tok = fake["tok"][p["phase"]][str(p["m"])]\n', textwrap.indent(textwrap.dedent("""
+        windows = []
+        for run in range(2):
+            slow = run == 1 and key == ["decode", 128]
+            open(os.environ["FAKE_CLOCK_FILE"], "w").write("1410" if slow else "1980")
+            time.sleep(0.25)
+            t = time.time()
+            time.sleep(0.45)
+            windows.append([t, time.time()])
+        open(os.environ["FAKE_CLOCK_FILE"], "w").write("1980")
+        tok = fake["tok"][p["phase"]][str(p["m"])]
+        """).lstrip("\n"), "    "), 1)
+    worker = worker.replace('"spread": 0.0, "steps_checked": 1}', '"spread": 0.0, "steps_checked": 1, "run_windows": windows}')
+    assert "run_windows" in worker and "FAKE_CLOCK_FILE" in worker
+    (tmp_path / "worker.py").write_text(worker)
+    smi_dir = tmp_path / "bin"
+    smi_dir.mkdir()
+    _fake_smi(smi_dir)
+    monkeypatch.setenv("PATH", f"{smi_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    mx.run_matrix(plan, out, ck, mx.Timeouts(60, 60), log=lambda s: None)
+    recs = mx.read_results(out / mx.RESULTS)[0]
+    session = recs[0]
+    assert session["kind"] == "session" and (out / "logs" / session["clock_log"]).stat().st_size > 0
+    md = (out / "e2e_matrix.md").read_text()
+    assert "## GPU clocks in the timed runs" in md
+    assert f"{len(plan.points())} point(s) have samples in their runs, 1 flagged" in md
+    assert "| m1 | bf16 | decode M=128 | 1980 1410 | SM clock 1410-1980 MHz across runs |" in md
+    # without the log: no section
+    out2 = tmp_path / "out2"
+    mx.run_matrix(plan, out2, ck, mx.Timeouts(60, 60), log=lambda s: None, clock_log=False)
+    recs2 = mx.read_results(out2 / mx.RESULTS)[0]
+    assert recs2[0]["clock_log"] is None and "GPU clocks" not in (out2 / "e2e_matrix.md").read_text()
