@@ -12,6 +12,7 @@ import textwrap
 import time
 
 from slidesparse.bench import e2e_matrix as mx
+from slidesparse.bench import e2e_worker as wk
 from slidesparse.bench import gpu_clocks as gc
 
 
@@ -136,11 +137,32 @@ def test_the_matrix_report_flags_points_whose_runs_saw_other_clocks(tmp_path, mo
     session = recs[0]
     assert session["kind"] == "session" and (out / "logs" / session["clock_log"]).stat().st_size > 0
     md = (out / "e2e_matrix.md").read_text()
-    assert "## GPU clocks in the timed runs" in md
-    assert f"{len(plan.points())} point(s) have samples in their runs, 1 flagged" in md
+    assert "## The GPU's clocks and the host's CPU in the timed runs" in md
+    assert f"{len(plan.points())} point(s) have samples in their runs; /proc/stat over each run: 0 point(s). 1 flagged" in md
     assert "| m1 | bf16 | decode M=128 | 1980 1410 | SM clock 1410-1980 MHz across runs |" in md
     # without the log: no section
     out2 = tmp_path / "out2"
     mx.run_matrix(plan, out2, ck, mx.Timeouts(60, 60), log=lambda s: None, clock_log=False)
     recs2 = mx.read_results(out2 / mx.RESULTS)[0]
-    assert recs2[0]["clock_log"] is None and "GPU clocks" not in (out2 / "e2e_matrix.md").read_text()
+    assert recs2[0]["clock_log"] is None and "GPU's clocks" not in (out2 / "e2e_matrix.md").read_text()
+
+
+def test_the_hosts_cpu_over_a_run_and_its_flag(tmp_path):
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  1000 0 200 5000 100 0 10 50 0 0\ncpu0 ...\n")
+    a = wk.cpu_snapshot(str(stat))
+    assert a[1] == (1210, 50, 6360)
+    rng = random.Random()
+    busy, steal, idle = rng.randint(100, 900), rng.randint(0, 100), rng.randint(100, 900)
+    stat.write_text(f"cpu  {1000 + busy} 0 200 {5000 + idle} 100 0 10 {50 + steal} 0 0\n")
+    d = wk.cpu_delta(a, wk.cpu_snapshot(str(stat)))
+    total = busy + steal + idle
+    assert d["busy"] == round(busy / total, 4) and d["steal"] == round(steal / total, 4) and d["self_cpu_s"] >= 0
+    # no /proc/stat: this process's CPU time only
+    assert set(wk.cpu_delta(wk.cpu_snapshot(str(tmp_path / "none")), wk.cpu_snapshot(str(tmp_path / "none")))) == {"self_cpu_s"}
+    assert gc.host_flags([{"steal": 0.01}, None, {"steal": 0.125}]) == ["CPU steal up to 12.5%"]
+    assert gc.host_flags([{"steal": 0.01}, {"self_cpu_s": 1.0}]) == [] and gc.host_flags(None) == []
+    lines = gc.report_lines([{"model": "q", "variant": "fp8", "phase": "decode", "m": 256,
+                              "run_host": [{"steal": 0.0}, {"steal": 0.05}]}], [])
+    assert "| q | fp8 | decode M=256 |  | CPU steal up to 5.0% |" in lines

@@ -1223,8 +1223,7 @@ def markdown(records: list[dict], clock_samples: list[dict] | None = None) -> st
                   "step the sweep's difference removes).", ""]
     if engines:
         lines += engine_lines(records, engines)
-    if clock_samples:
-        lines += gpu_clocks.report_lines(list(latest(records, "point").values()), clock_samples)
+    lines += gpu_clocks.report_lines(list(latest(records, "point").values()), clock_samples or [])
     if failures:
         lines += ["## Failures", ""]
         for r in failures:

@@ -196,6 +196,36 @@ def check_steps(before: dict, after: dict, expected_steps: list[int], prompt_tok
     return {"ok": not problems, "problems": problems, "steps": d["hist_count"], "step_tokens_sum": d["hist_sum"]}
 
 
+# ---------------------------------------------------------------- the host's CPU over a run
+
+def cpu_snapshot(stat_path: str = "/proc/stat") -> tuple:
+    """This process's CPU seconds (user + system: the front-end, whose engine.step() loop and
+    output handling are host work) and the machine's /proc/stat cpu jiffies (busy, steal, total);
+    the latter None where there is no /proc/stat."""
+    t = os.times()
+    try:
+        with open(stat_path) as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal (guest time is inside user)
+        idle, steal, total = v[3] + v[4], v[7] if len(v) > 7 else 0, sum(v[:8])
+        jiffies = (total - idle - steal, steal, total)
+    except (OSError, ValueError, IndexError):
+        jiffies = None
+    return t.user + t.system, jiffies
+
+
+def cpu_delta(a: tuple, b: tuple) -> dict:
+    """What the host's CPU did between two snapshots: this process's CPU seconds, and the fractions
+    of all CPU time that were busy and stolen by the hypervisor (a VM's neighbours)."""
+    out = {"self_cpu_s": round(b[0] - a[0], 4)}
+    if a[1] and b[1]:
+        total = b[1][2] - a[1][2]
+        if total > 0:
+            out["busy"] = round((b[1][0] - a[1][0]) / total, 4)
+            out["steal"] = round((b[1][1] - a[1][1]) / total, 4)
+    return out
+
+
 # ---------------------------------------------------------------- runs
 
 class Sweep:
@@ -207,6 +237,7 @@ class Sweep:
         self.rng = np.random.default_rng(spec.get("seed", 0))
         self.run_id = 0
         self.windows: list[list[float]] = []   # wall-clock [start, end] of every run, for the GPU clock log
+        self.host: list[dict | None] = []       # the host's CPU over every run (cpu_delta)
 
     def _prompts(self, n: int, length: int) -> list[dict]:
         # fresh random tokens every run: no prefix-cache hits (the checks would see them)
@@ -220,11 +251,13 @@ class Sweep:
         sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args={SWEEP_KEY: tag})
         for i, p in enumerate(self._prompts(n, length)):
             self.engine.add_request(f"s{self.run_id}-{i}", p, sp)
+        c0 = cpu_snapshot()
         w0, t0 = time.time(), time.perf_counter()
         while self.engine.has_unfinished_requests():
             self.engine.step()
         t = time.perf_counter() - t0
         self.windows.append([w0, w0 + t])
+        self.host.append(cpu_delta(c0, cpu_snapshot()))
         return t
 
     def _checked_run(self, n, length, max_tokens, budget, expected_steps, checks):
@@ -274,7 +307,7 @@ class Sweep:
                "mad": mad(per_step) / med if med > 0 else None,
                "checked_runs": len(checks), "steps_checked": sum(c["steps"] for c in checks),
                # the warm-up run, then the short and long run of each pair in turn
-               "run_windows": self.windows[first_run:]}
+               "run_windows": self.windows[first_run:], "run_host": self.host[first_run:]}
         if phase == "decode":
             rec["context"] = [prompt_len + s1 + 1, prompt_len + s1 + delta + 1]
         if bad:

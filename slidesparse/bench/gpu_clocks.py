@@ -11,6 +11,10 @@ what this log answers; it runs in its own process, so it takes no time from the 
     log = ClockLog.start(path)            # None where there is no nvidia-smi
     summary = log.windows([[t0, t1], ...]) # per run: SM MHz min/median/max, power, reasons
     log.stop()
+
+The host's side of the same question, the CPU time a run got, is measured in the worker
+(e2e_worker.cpu_delta: this process's CPU seconds, the machine's busy and stolen fractions);
+report_lines sets both beside each point.
 """
 
 from __future__ import annotations
@@ -154,27 +158,35 @@ def read_logs(log_dir: Path) -> list[dict]:
     return sorted(samples, key=lambda r: r["t"])
 
 
+def host_flags(host: list[dict | None] | None, steal: float = 0.02) -> list[str]:
+    """What a point's runs say about the host's CPU (e2e_worker.cpu_delta): time stolen by the
+    hypervisor above `steal` of all CPU time in any run."""
+    worst = max((h.get("steal") or 0.0 for h in (host or []) if h), default=0.0)
+    return [f"CPU steal up to {worst:.1%}"] if worst > steal else []
+
+
 def report_lines(points: list[dict], samples: list[dict], limit: int = 60) -> list[str]:
-    """The markdown section: how many points have clock samples, and the flagged ones."""
+    """The markdown section: how many points have clock samples or host CPU figures, and the
+    flagged ones."""
     rows = []
-    covered = 0
+    clocked = hosted = 0
     for p in points:
         runs = summarize(samples, p.get("run_windows") or []) if samples else []
-        if not any(runs):
-            continue
-        covered += 1
-        flags = point_flags(runs)
+        host = p.get("run_host") or []
+        clocked += any(runs)
+        hosted += any(host)
+        flags = point_flags(runs) + host_flags(host)
         if flags:
-            meds = [f"{c['sm_mhz'][1]:.0f}" if c else "-" for c in runs]
-            rows.append(f"| {p['model']} | {p['variant']} | {p['phase']} M={p['m']} | {' '.join(meds)} | "
-                        f"{'; '.join(flags)} |")
-    if not covered:
+            meds = " ".join(f"{c['sm_mhz'][1]:.0f}" if c else "-" for c in runs) if any(runs) else ""
+            rows.append(f"| {p['model']} | {p['variant']} | {p['phase']} M={p['m']} | {meds} | {'; '.join(flags)} |")
+    if not clocked and not hosted:
         return []
-    lines = ["## GPU clocks in the timed runs", "",
-             f"nvidia-smi every {PERIOD_MS} ms beside the sweep (logs/gpu_clocks_*.csv); {covered} point(s) have "
-             f"samples in their runs, {len(rows)} flagged (median SM clock of the runs more than 5% apart, or a "
-             "clock event other than idle / application clocks). Per run: the warm-up run, then the short and "
-             "long run of each pair.", ""]
+    lines = ["## The GPU's clocks and the host's CPU in the timed runs", "",
+             f"nvidia-smi every {PERIOD_MS} ms beside the sweep (logs/gpu_clocks_*.csv): {clocked} point(s) have "
+             f"samples in their runs; /proc/stat over each run: {hosted} point(s). {len(rows)} flagged: the runs' "
+             "median SM clocks more than 5% apart, a clock event other than idle / application clocks, or "
+             "more than 2% of the CPU time stolen by the hypervisor. Per run: the warm-up run, then the short "
+             "and long run of each pair.", ""]
     if rows:
         lines += ["| model | variant | point | median SM MHz per run | flags |", "|---|---|---|---|---|"]
         lines += rows[:limit]
