@@ -1034,6 +1034,11 @@ def _order(names: list[str]) -> list[str]:
     return sorted(names, key=key)
 
 
+def _comparable(baseline: dict | None, point: dict) -> bool:
+    """A baseline measured the same way as the point (a re-run with other settings is not)."""
+    return bool(baseline is not None and baseline.get("ok") and baseline.get("settings") == point.get("settings"))
+
+
 def table_rows(records: list[dict]) -> list[dict]:
     """One row per point: tok/s and the speed-up over the variant's baseline at the same M,
     measured the same way (same settings). The baseline of the point's own run is preferred (same
@@ -1053,16 +1058,13 @@ def table_rows(records: list[dict]) -> list[dict]:
                "spread": r.get("spread"), "baseline": v.baseline, "speedup": None, "same_run": None,
                "error_kind": r.get("error_kind"), "error": r.get("error"),
                "weights_gib": (r.get("engine") or {}).get("weights_gib")}
-
-        def usable(b):   # only a baseline measured the same way (a re-run with other settings is not)
-            return b is not None and b.get("ok") and b.get("settings") == r.get("settings")
         if row["ok"] and v.baseline:
             bkey = (model, v.baseline, phase, m)
             b = run_pts.get((bkey, k))
-            same = usable(b)
+            same = _comparable(b, r)
             if not same:
                 b = pts.get(bkey, (None, None))[0]
-            if usable(b):
+            if _comparable(b, r):
                 row["speedup"], row["same_run"] = r["tok_s"] / b["tok_s"], same
         rows.append(row)
     models = list(dict.fromkeys(r["model"] for r in rows))

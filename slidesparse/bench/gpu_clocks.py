@@ -19,6 +19,7 @@ report_lines sets both beside each point.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import shutil
 import statistics
@@ -73,10 +74,12 @@ def read(path: Path) -> list[dict]:
 
 def summarize(samples: list[dict], windows: list[list[float]]) -> list[dict | None]:
     """Per window [start, end] (time.time() seconds): the samples inside it, summarized; None for
-    a window with no sample (shorter than the period, or the log lagging)."""
+    a window with no sample (shorter than the period, or the log lagging). Samples in time order,
+    as nvidia-smi writes them and read_logs returns them."""
+    times = [s["t"] for s in samples]
     out = []
     for start, end in windows:
-        inside = [s for s in samples if start <= s["t"] <= end]
+        inside = samples[bisect.bisect_left(times, start):bisect.bisect_right(times, end)]
         if not inside:
             out.append(None)
             continue
