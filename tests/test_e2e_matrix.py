@@ -360,6 +360,7 @@ def test_report_only_cli_rerenders_and_refuses_a_missing_file(tmp_path):
     (["--ckpt", "2_8-fp8=/definitely/not/here"], "no config.json"),
     (["--base", "/definitely/not/here"], "no config.json"),
     (["--ckpt", "other:bf16=/x"], "not in --models"),
+    (["--variants", "fp8,2_8-fp8", "--crosscheck", "--crosscheck-variants", "int8"], "'int8' is not in --variants"),
 ])
 def test_matrix_cli_errors_are_one_line(args, message):
     from typer.testing import CliRunner
@@ -598,6 +599,71 @@ def test_a_fresh_run_measures_again_and_engines_run_without_the_compile_cache(tm
     assert sum(line.startswith("m1 (run of ") and "1 engine(s)" in line for line in md.splitlines()) == 2
 
 
+def _fake_bench(monkeypatch, elapsed_of, totals_of=None):
+    """subprocess.run standing in for `vllm bench throughput`: writes its --output-json with the
+    elapsed time elapsed_of(output_len) and prints the totals bench prints."""
+    calls = []
+
+    def run(cmd, **kw):
+        a = dict(zip(cmd[::1], cmd[1::1]))
+        n, inp, outp = int(a["--num-prompts"]), int(a["--random-input-len"]), int(a["--random-output-len"])
+        calls.append((n, inp, outp))
+        prompt, output = (totals_of or (lambda n, i, o: (n * i, n * o)))(n, inp, outp)
+        json.dump({"elapsed_time": elapsed_of(outp), "num_requests": n}, open(a["--output-json"], "w"))
+        return subprocess.CompletedProcess(cmd, 0, f"Total num prompt tokens:  {prompt}\n"
+                                                   f"Total num output tokens:  {output}\n", "")
+    monkeypatch.setattr(mx.subprocess, "run", run)
+    return calls
+
+
+def test_decode_cross_check_is_the_difference_of_two_bench_runs(tmp_path, monkeypatch):
+    s = mx.Settings(decode_steps=256, decode_warm_steps=8)
+    v = mx.parse_variants("fp8")[0]
+    rng = random.Random()
+    fixed, step = rng.uniform(0.05, 0.3), rng.uniform(0.002, 0.02)    # set-up + prefill; one decode step
+    calls = _fake_bench(monkeypatch, lambda outp: fixed + step * (outp - 1))
+    r = mx.bench_throughput(tmp_path / "ck", "decode", 256, s, v, tmp_path / "cc.log", 60)
+    assert calls == [(256, 16, 9), (256, 16, 265)]         # the sweep's short and long run
+    assert r["ok"] and r["method"] == "difference"
+    assert r["tok_s"] == pytest.approx(256 / step)          # the set-up cancels
+    assert r["tok_s_single"] == pytest.approx(256 * 265 / (fixed + 264 * step))
+    assert {p.name for p in tmp_path.iterdir()} == {"cc_short.log", "cc_long.log"}
+    # prefill stays one run of CROSSCHECK_PREFILL_STEPS steps
+    calls.clear()
+    r = mx.bench_throughput(tmp_path / "ck", "prefill", 16384, s, v, tmp_path / "p.log", 60)
+    assert calls == [(8 * mx.CROSSCHECK_PREFILL_STEPS, 2048, 1)] and r["method"] == "single"
+    assert r["tok_s"] == pytest.approx(8 * mx.CROSSCHECK_PREFILL_STEPS * 2048 / (fixed + 0 * step))
+    # a long run that is not slower, or a bench that ran other totals, is a failure, not a number
+    _fake_bench(monkeypatch, lambda outp: 1.0)
+    r = mx.bench_throughput(tmp_path / "ck", "decode", 64, s, v, tmp_path / "cc.log", 60)
+    assert not r["ok"] and r["error_kind"] == "timing" and "tok_s" not in r
+    _fake_bench(monkeypatch, lambda outp: 0.1 * outp, lambda n, i, o: (n * i, n * o - 3))
+    r = mx.bench_throughput(tmp_path / "ck", "decode", 64, s, v, tmp_path / "cc.log", 60)
+    assert not r["ok"] and r["error_kind"] == "bench_totals" and "planned 64" in r["error"]
+
+
+def test_cross_checks_run_for_the_named_variants_only():
+    vs = mx.parse_variants("fp8,2_8-fp8,int8")
+    s = mx.Settings()
+    cc = [("prefill", 16384), ("decode", 256)]
+    every = mx.Plan(["m"], vs, [16384], [256], s, crosscheck=cc)
+    named = mx.Plan(["m"], vs, [16384], [256], s, crosscheck=cc, crosscheck_variants=["fp8"])
+    assert [v.name for v in vs if mx._crosscheck_todo([], "m", v, every, s.key(), False)] == ["fp8", "2_8-fp8", "int8"]
+    assert [v.name for v in vs if mx._crosscheck_todo([], "m", v, named, s.key(), False)] == ["fp8"]
+
+
+def test_the_report_shows_a_difference_cross_check_beside_its_single_run(tmp_path):
+    recs, vals = _synthetic(random.Random())
+    sweep = vals[("llama3.2-1b", "2_8-fp8", "decode", 256)]
+    recs[-1].update(method="difference", tok_s=sweep / 1.01, tok_s_single=sweep / 1.09)
+    f = mx.ResultsFile(tmp_path / mx.RESULTS)
+    for r in recs:
+        f.append(r)
+    mx.write_report(tmp_path)
+    md = (tmp_path / "e2e_matrix.md").read_text()
+    assert f"(difference of two) | {1.01:.3f} | yes | {sweep / 1.09:,.0f} ({1.09:.3f}) |" in md
+
+
 def test_engine_time_sums_start_up_points_and_cross_checks():
     recs = [{"kind": "engine", "ok": True, "model": "a", "variant": "fp8", "startup_s": 60.0},
             {"kind": "point", "ok": True, "model": "a", "variant": "fp8", "point_s": 5.0},
@@ -695,7 +761,7 @@ def test_matrix_sweep_in_vllm_cpu_checks_tokens_per_step(tmp_path):
     re-run that skips them all."""
     out, models = tmp_path / "out", tmp_path / "models"
     args = [PY, "-m", "slidesparse.cli", "bench", "e2e", "--matrix", "--models", "tiny-llama", "--variants", "bf16,2_8-int8",
-            "--prefill-m", "128,256", "--decode-m", "4", "--prefill-len", "128", "--decode-steps", "8",
+            "--prefill-m", "128,256", "--decode-m", "4", "--prefill-len", "128", "--decode-steps", "32",
             "--decode-warm-steps", "2", "--repeats", "2", "--max-repeats", "2", "--min-window", "0.1", "--max-steps", "16",
             "--enforce-eager", "--engine-arg", "dtype=float32", "--ckpt-dir", str(models), "--out", str(out),
             "--crosscheck", "--crosscheck-prefill-m", "0", "--crosscheck-decode-m", "4"]
@@ -722,7 +788,9 @@ def test_matrix_sweep_in_vllm_cpu_checks_tokens_per_step(tmp_path):
         assert r["tok_s"] == pytest.approx(m / r["step_s"])
         assert min(r["step_s_all"]) > 0 and len(r["step_s_all"]) == reps
     cc = [r for r in recs if r["kind"] == "crosscheck"]
-    assert len(cc) == 2 and all(c["ok"] and c["phase"] == "decode" and c["tok_s"] > 0 for c in cc), cc
+    # each decode check is two bench runs (the sweep's short and long one) and their difference
+    assert len(cc) == 2 and all(c["ok"] and c["phase"] == "decode" and c["method"] == "difference"
+                                and c["tok_s"] > 0 and c["output_tokens"] == 4 * 35 for c in cc), cc
     md = (out / "e2e_matrix.md").read_text()
     assert "Cross-check" in md and "tiny-llama: prefill" in md
     assert (models / "tiny-llama-SlideSparse-2_8-int8" / "config.json").exists()

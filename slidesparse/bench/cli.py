@@ -200,6 +200,8 @@ def e2e(
                                                 "--crosscheck-prefill-m and decode --crosscheck-decode-m per variant"),
     crosscheck_prefill_m: int = typer.Option(16384, help=f"{_MATRIX}: 0 for none"),
     crosscheck_decode_m: int = typer.Option(256, help=f"{_MATRIX}: 0 for none"),
+    crosscheck_variants: Optional[str] = typer.Option(None, help=f"{_MATRIX}: comma-separated variants to "
+                                                      "cross-check (default: every variant), e.g. fp8"),
     report_only: bool = typer.Option(False, help=f"{_MATRIX}: re-render the report from OUT/results.jsonl"),
     dry_run: bool = typer.Option(False, help=f"{_MATRIX}: print what would run and exit"),
 ):
@@ -230,7 +232,7 @@ def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base
                 prefill_len, decode_prompt_len,
                 engine_arg, enforce_eager, startup_timeout, point_timeout, retry_failed, fresh_run, clock_log, compile_cache,
                 crosscheck,
-                crosscheck_prefill_m, crosscheck_decode_m, report_only, dry_run):
+                crosscheck_prefill_m, crosscheck_decode_m, crosscheck_variants, report_only, dry_run):
     import json
     import signal
 
@@ -266,6 +268,12 @@ def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base
         if crosscheck:
             cc = [(ph, m) for ph, m in (("prefill", crosscheck_prefill_m), ("decode", crosscheck_decode_m)) if m > 0]
         settings.validate(pms + [m for ph, m in cc if ph == "prefill"])
+        cc_vars = None
+        if crosscheck_variants is not None:
+            cc_vars = [v.name for v in mx.parse_variants(crosscheck_variants)]
+            unknown = [n for n in cc_vars if n not in {v.name for v in vlist}]
+            if unknown:
+                raise mx.MatrixError(f"--crosscheck-variants {unknown[0]!r} is not in --variants")
         if not pms and not dms:
             raise mx.MatrixError("nothing to measure: --prefill-m and --decode-m are both empty")
         given = _pairs(ckpt, mlist, "--ckpt", mx, variant_key=True)
@@ -280,7 +288,7 @@ def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base
             raise mx.MatrixError("timeouts must be positive")
     except mx.MatrixError as e:
         _fail(str(e))
-    plan = mx.Plan(mlist, vlist, pms, dms, settings, crosscheck=cc)
+    plan = mx.Plan(mlist, vlist, pms, dms, settings, crosscheck=cc, crosscheck_variants=cc_vars)
     ck = mx.Checkpoints(ckpt_dir, given=given, bases=bases, tune=tune, delete_after=delete_after)
     if dry_run:
         records, _ = mx.read_results(outdir / mx.RESULTS)

@@ -810,25 +810,61 @@ CROSSCHECK_PREFILL_STEPS = 64
 
 def bench_throughput(ckpt: Path, phase: str, m: int, settings: Settings, v: Variant, log_path: Path,
                      timeout: float, env: dict | None = None) -> dict:
-    """One stock `vllm bench throughput` at the point (phase, M), shaped like the sweep's point:
-    prefill: prompts of min(M, prefill_len) tokens, 1 output token, M batched tokens
-    (CROSSCHECK_PREFILL_STEPS steps);
-    decode: M prompts of decode_prompt_len tokens, decode_steps + 1 output tokens, M sequences.
-    Returns the prompt (prefill) or output (decode) tokens per second it reports."""
-    from .e2e import bench_command
+    """Stock `vllm bench throughput` at the point (phase, M), shaped like the sweep's point.
+
+    prefill: one run, prompts of min(M, prefill_len) tokens, 1 output token, M batched tokens
+    (CROSSCHECK_PREFILL_STEPS steps); tok_s is the prompt tokens per second bench reports.
+    decode: two runs, as the sweep's pair: M prompts of decode_prompt_len tokens with
+    decode_warm_steps + 1 and decode_warm_steps + decode_steps + 1 output tokens. One run's
+    elapsed time also holds the requests' set-up, the prefill step of all M prompts and the drain
+    (on Qwen2.5-7B at M=256 about 0.15 s of 2.0 s, 2026-12-03b); the difference of the two holds
+    exactly decode_steps steps of M sequences at the sweep's contexts, so tok_s = M x decode_steps
+    / (elapsed_long - elapsed_short), and tok_s_single is the long run's output tokens per second
+    as bench reports it."""
     if phase == "prefill":
         p = min(m, settings.prefill_len)
-        inp, outp, n, batched, seqs = p, 1, CROSSCHECK_PREFILL_STEPS * (m // p), m, max(1, m // p)
+        res = _bench_once(ckpt, p, 1, CROSSCHECK_PREFILL_STEPS * (m // p), m, max(1, m // p), settings, v,
+                          log_path, timeout, env)
+        if res["ok"]:
+            res["tok_s"] = res["prompt_tokens"] / res["elapsed_s"]
+            res["method"] = "single"
+        return res
+    inp, short, long = settings.decode_prompt_len, settings.decode_warm_steps + 1, \
+        settings.decode_warm_steps + settings.decode_steps + 1
+    batched = max(m * (inp + 1), inp + long + 16)
+    runs = []
+    for outp, suffix in ((short, "short"), (long, "long")):
+        r = _bench_once(ckpt, inp, outp, m, batched, m, settings, v,
+                        log_path.with_name(f"{log_path.stem}_{suffix}{log_path.suffix}"), timeout, env,
+                        max_model_len=inp + long + 16)
+        if not r["ok"]:
+            return r
+        runs.append(r)
+    a, b = runs
+    d = b["elapsed_s"] - a["elapsed_s"]
+    res = {"ok": d > 0, "method": "difference", "command": b["command"], "command_short": a["command"],
+           "elapsed_s": b["elapsed_s"], "elapsed_short_s": a["elapsed_s"], "num_requests": b["num_requests"],
+           "wall_s": a["wall_s"] + b["wall_s"], "prompt_tokens": b["prompt_tokens"], "output_tokens": b["output_tokens"],
+           "output_tokens_short": a["output_tokens"], "tok_s_single": b["output_tokens"] / b["elapsed_s"]}
+    if d > 0:
+        res["tok_s"] = m * settings.decode_steps / d
     else:
-        inp, outp, n, seqs = settings.decode_prompt_len, settings.decode_steps + 1, m, m
-        batched = max(m * (inp + 1), inp + outp + 16)
+        res.update(error=f"the long run ({b['elapsed_s']:.3f} s) was not slower than the short one "
+                         f"({a['elapsed_s']:.3f} s)", error_kind="timing")
+    return res
+
+
+def _bench_once(ckpt, inp, outp, n, batched, seqs, settings, v, log_path, timeout, env, max_model_len=None) -> dict:
+    """One `vllm bench throughput` process; its elapsed time (generation only, bench's own clock)
+    and the token totals it prints (checked: a run that generated other totals is refused)."""
+    from .e2e import bench_command
     extra = _cli_args(_variant_engine_args(v, settings))
     if settings.enforce_eager:
         extra.append("--enforce-eager")
     extra += ["--max-num-seqs", str(seqs)]
     with tempfile.TemporaryDirectory() as td:
         out_json = os.path.join(td, "r.json")
-        cmd = bench_command(str(ckpt), inp, outp, n, batched, inp + outp + 16, out_json,
+        cmd = bench_command(str(ckpt), inp, outp, n, batched, max_model_len or inp + outp + 16, out_json,
                             [sys.executable, "-m", "vllm.entrypoints.cli.main"], tuple(extra))
         t0 = time.time()
         try:
@@ -843,14 +879,15 @@ def bench_throughput(ckpt: Path, phase: str, m: int, settings: Settings, v: Vari
             err = error_line(text, f"exit {p.returncode}")
             return {"ok": False, "error": err, "error_kind": classify(text), "command": shlex.join(cmd)}
         r = json.load(open(out_json))
-    prompt = _stat(text, "Total num prompt tokens")
-    output = _stat(text, "Total num output tokens")
+    # older output without the totals: what the workload asked for
+    prompt = _stat(text, "Total num prompt tokens") or r["num_requests"] * inp
+    output = _stat(text, "Total num output tokens") or r["num_requests"] * outp
     res = {"ok": True, "command": shlex.join(cmd), "elapsed_s": r["elapsed_time"], "num_requests": r["num_requests"],
            "wall_s": time.time() - t0, "prompt_tokens": prompt, "output_tokens": output}
-    tokens = prompt if phase == "prefill" else output
-    if tokens is None:   # older output without the totals: what the workload asked for
-        tokens = r["num_requests"] * (inp if phase == "prefill" else outp)
-    res["tok_s"] = tokens / r["elapsed_time"]
+    if (r["num_requests"], prompt, output) != (n, n * inp, n * outp):
+        res.update(ok=False, error_kind="bench_totals",
+                   error=f"bench ran {r['num_requests']} requests, {prompt} prompt and {output} output tokens; "
+                         f"planned {n}, {n * inp} and {n * outp}")
     return res
 
 
@@ -884,6 +921,7 @@ class Plan:
     decode_ms: list[int]
     settings: Settings
     crosscheck: list[tuple[str, int]] = field(default_factory=list)   # (phase, M) pairs, empty: none
+    crosscheck_variants: list[str] | None = None   # the variants the cross-check runs for (None: every one)
 
     def points(self) -> list[dict]:
         # decode first, prefill by growing M: the largest prefill (where an engine is likeliest to
@@ -998,6 +1036,8 @@ def _run_models(plan, out, ckpts, timeouts, retry_failed, delete_base, log, prep
 
 
 def _crosscheck_todo(records, model, v, plan, skey, retry_failed, run=None) -> list[tuple[str, int]]:
+    if plan.crosscheck_variants is not None and v.name not in plan.crosscheck_variants:
+        return []
     have = {(r["phase"], int(r["m"])) for r, k in zip(records, run_of(records))
             if r.get("kind") == "crosscheck" and r.get("model") == model and (run is None or k == run)
             and r.get("variant") == v.name and r.get("settings") == skey and (r.get("ok") or not retry_failed)}
@@ -1202,27 +1242,36 @@ def markdown(records: list[dict], clock_samples: list[dict] | None = None) -> st
     cc = [r for r in records if r.get("kind") == "crosscheck"]
     if cc:
         pts = latest(records, "point")
-        lines += ["## Cross-check: the sweep against a separate `vllm bench throughput` run", "",
-                  "| model | variant | point | sweep tok/s | bench tok/s | sweep / bench | within 5% |",
-                  "|---|---|---|---:|---:|---:|---|"]
+        lines += ["## Cross-check: the sweep against separate `vllm bench throughput` runs", "",
+                  "| model | variant | point | sweep tok/s | bench tok/s | sweep / bench | within 5% | one bench run |",
+                  "|---|---|---|---:|---:|---:|---|---:|"]
         last = {}
         for r in cc:
             last[point_key(r)] = r
         for k, r in last.items():
             p = pts.get(k)
+            head = f"| {k[0]} | {k[1]} | {k[2]} M={k[3]} |"
             if not r.get("ok"):
-                lines.append(f"| {k[0]} | {k[1]} | {k[2]} M={k[3]} | | failed: {str(r.get('error'))[:100]} | | |")
+                lines.append(f"{head} | failed: {str(r.get('error'))[:100]} | | | |")
                 continue
+            diff = r.get("method") == "difference"
+            bench = f"{r['tok_s']:,.0f}" + (" (difference of two)" if diff else "")
+            # a decode record of before 2026-12-04 is one run: its tok_s is that run's own rate
+            single = r.get("tok_s_single", r["tok_s"] if not diff else None)
+            one = f"{single:,.0f}" if single is not None else ""
             if not p or not p.get("ok"):
-                lines.append(f"| {k[0]} | {k[1]} | {k[2]} M={k[3]} | (no sweep point) | {r['tok_s']:,.0f} | | |")
+                lines.append(f"{head} (no sweep point) | {bench} | | | {one} |")
                 continue
             ratio = p["tok_s"] / r["tok_s"]
-            lines.append(f"| {k[0]} | {k[1]} | {k[2]} M={k[3]} | {p['tok_s']:,.0f} | {r['tok_s']:,.0f} | {ratio:.3f} | "
-                         f"{'yes' if abs(ratio - 1) <= 0.05 else '**no**'} |")
-        lines += ["", f"bench: prefill prompts of the sweep's length, 1 output token, {CROSSCHECK_PREFILL_STEPS} steps "
-                  "of M batched tokens (32 before 2026-12-03); "
-                  "decode M prompts, the sweep's window + 1 output tokens (its elapsed time includes the prefill "
-                  "step the sweep's difference removes).", ""]
+            lines.append(f"{head} {p['tok_s']:,.0f} | {bench} | {ratio:.3f} | "
+                         f"{'yes' if abs(ratio - 1) <= 0.05 else '**no**'} | {one}"
+                         + (f" ({p['tok_s'] / single:.3f})" if single and diff else "") + " |")
+        lines += ["", f"bench: prefill, one run: prompts of the sweep's length, 1 output token, "
+                  f"{CROSSCHECK_PREFILL_STEPS} steps of M batched tokens (32 before 2026-12-03). Decode, two runs "
+                  "as the sweep's pair (M prompts, the sweep's warm-up + 1 and warm-up + window + 1 output tokens): "
+                  "M x window / (elapsed of the long - elapsed of the short); the last column is the long run "
+                  "alone, as bench reports it (its elapsed time also holds the requests' set-up, the prefill step "
+                  "and the drain), with the sweep over it. Decode checks before 2026-12-04 ran the long run only.", ""]
     if engines:
         lines += engine_lines(records, engines)
     lines += gpu_clocks.report_lines(list(latest(records, "point").values()), clock_samples or [])
