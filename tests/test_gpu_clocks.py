@@ -166,3 +166,38 @@ def test_the_hosts_cpu_over_a_run_and_its_flag(tmp_path):
     lines = gc.report_lines([{"model": "q", "variant": "fp8", "phase": "decode", "m": 256,
                               "run_host": [{"steal": 0.0}, {"steal": 0.05}]}], [])
     assert "| q | fp8 | decode M=256 |  | CPU steal up to 5.0% |" in lines
+
+
+def _fake_proc(root, procs):
+    """procs: {pid: (ppid, utime, stime, processor, comm)} as /proc/PID/stat lines."""
+    for pid, (ppid, ut, st, cpu, comm) in procs.items():
+        d = root / str(pid)
+        d.mkdir(parents=True, exist_ok=True)
+        rest = ["S", str(ppid)] + ["0"] * 9 + [str(ut), str(st)] + ["0"] * 23 + [str(cpu)] + ["0"] * 5
+        (d / "stat").write_text(f"{pid} ({comm}) " + " ".join(rest) + "\n")
+
+
+def test_the_engine_cores_cpu_is_found_among_the_descendants(tmp_path):
+    proc, tick = tmp_path / "proc", os.sysconf("SC_CLK_TCK")
+    rng = random.Random()
+    used = rng.randint(10, 500)
+    # 100 the worker; 200 its engine core (a name with spaces and parentheses), 300 a grandchild;
+    # 400 someone else's busy process
+    base = {100: (1, 5, 5, 0, "python"), 200: (100, 1000, 100, 3, "VLLM::Engine (Core) x"),
+            300: (200, 7, 1, 5, "pt_main_thread"), 400: (1, 9000, 0, 2, "other")}
+    _fake_proc(proc, base)
+    a = wk.cpu_snapshot(str(tmp_path / "stat"), str(proc), pid=100)
+    assert set(a[2]) == {200, 300} and a[2][200] == ((1000 + 100) / tick, 3)
+    _fake_proc(proc, {**base, 200: (100, 1000 + used, 100, 7, "VLLM::Engine (Core) x"), 400: (1, 99999, 0, 2, "other")})
+    wall = rng.uniform(0.5, 5.0)
+    d = wk.cpu_delta(a, wk.cpu_snapshot(str(tmp_path / "stat"), str(proc), pid=100), wall)
+    assert d["engine_cpu_s"] == round(used / tick, 4) and d["engine_cpu"] == [3, 7]
+    assert d["engine_cpu_share"] == round(d["engine_cpu_s"] / wall, 4)
+    # no /proc: no engine figures, nothing raised
+    assert wk.descendants_cpu(str(tmp_path / "nothing"), 100) == {}
+    assert "engine_cpu_s" not in wk.cpu_delta(a[:2], a[:2])
+    lines = gc.report_lines([{"model": "q", "variant": "fp8", "phase": "decode", "m": 256,
+                              "run_host": [{"engine_cpu_share": s} for s in (0.95, 0.97, 0.5)]},
+                             {"model": "q", "variant": "fp8", "phase": "prefill", "m": 65536,
+                              "run_host": [{"engine_cpu_share": 0.2}]}], [])
+    assert any("2 point(s) recorded" in x and "in 1 of them" in x for x in lines), lines

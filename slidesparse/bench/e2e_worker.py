@@ -198,10 +198,11 @@ def check_steps(before: dict, after: dict, expected_steps: list[int], prompt_tok
 
 # ---------------------------------------------------------------- the host's CPU over a run
 
-def cpu_snapshot(stat_path: str = "/proc/stat") -> tuple:
+def cpu_snapshot(stat_path: str = "/proc/stat", proc: str = "/proc", pid: int | None = None) -> tuple:
     """This process's CPU seconds (user + system: the front-end, whose engine.step() loop and
-    output handling are host work) and the machine's /proc/stat cpu jiffies (busy, steal, total);
-    the latter None where there is no /proc/stat."""
+    output handling are host work), the machine's /proc/stat cpu jiffies (busy, steal, total; None
+    where there is no /proc/stat), and its descendants' (vLLM's engine-core process, which
+    schedules and launches every step): {pid: (CPU seconds, the CPU it last ran on)}."""
     t = os.times()
     try:
         with open(stat_path) as f:
@@ -211,18 +212,66 @@ def cpu_snapshot(stat_path: str = "/proc/stat") -> tuple:
         jiffies = (total - idle - steal, steal, total)
     except (OSError, ValueError, IndexError):
         jiffies = None
-    return t.user + t.system, jiffies
+    return t.user + t.system, jiffies, descendants_cpu(proc, os.getpid() if pid is None else pid)
 
 
-def cpu_delta(a: tuple, b: tuple) -> dict:
-    """What the host's CPU did between two snapshots: this process's CPU seconds, and the fractions
-    of all CPU time that were busy and stolen by the hypervisor (a VM's neighbours)."""
+def _proc_stat(path: str) -> list[str] | None:
+    # the fields after "(comm)", which may itself hold spaces and parentheses
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2:].split()
+
+
+def descendants_cpu(proc: str, root: int) -> dict:
+    """{pid: (user + system CPU seconds, the CPU it last ran on)} of root's descendants, from
+    /proc/PID/stat (fields after the name: ppid is the 2nd, utime/stime the 12th/13th, processor the
+    37th); {} where /proc cannot be read."""
+    try:
+        names = [n for n in os.listdir(proc) if n.isdigit()]
+    except OSError:
+        return {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    parent, info = {}, {}
+    for n in names:
+        f = _proc_stat(f"{proc}/{n}/stat")
+        if f is None or len(f) < 37:
+            continue
+        try:
+            parent[int(n)] = int(f[1])
+            info[int(n)] = ((int(f[11]) + int(f[12])) / tick, int(f[36]))
+        except ValueError:
+            continue
+    out, todo = {}, [root]
+    while todo:
+        p = todo.pop()
+        for c, pp in parent.items():
+            if pp == p and c not in out:
+                out[c] = info[c]
+                todo.append(c)
+    return out
+
+
+def cpu_delta(a: tuple, b: tuple, wall_s: float | None = None) -> dict:
+    """What the host's CPU did between two snapshots: this process's CPU seconds, the fractions of
+    all CPU time that were busy and stolen by the hypervisor (a VM's neighbours), and the busiest
+    descendant's CPU seconds (vLLM's engine core: near wall_s means its step loop is host-bound)
+    with the CPU it ran on at the start and the end."""
     out = {"self_cpu_s": round(b[0] - a[0], 4)}
     if a[1] and b[1]:
         total = b[1][2] - a[1][2]
         if total > 0:
             out["busy"] = round((b[1][0] - a[1][0]) / total, 4)
             out["steal"] = round((b[1][1] - a[1][1]) / total, 4)
+    da, db = (a[2] if len(a) > 2 else {}), (b[2] if len(b) > 2 else {})
+    both = [p for p in db if p in da]
+    if both:
+        p = max(both, key=lambda q: db[q][0] - da[q][0])
+        out.update(engine_cpu_s=round(db[p][0] - da[p][0], 4), engine_cpu=[da[p][1], db[p][1]])
+        if wall_s:
+            out["engine_cpu_share"] = round(out["engine_cpu_s"] / wall_s, 4)
     return out
 
 
@@ -257,7 +306,7 @@ class Sweep:
             self.engine.step()
         t = time.perf_counter() - t0
         self.windows.append([w0, w0 + t])
-        self.host.append(cpu_delta(c0, cpu_snapshot()))
+        self.host.append(cpu_delta(c0, cpu_snapshot(), t))
         return t
 
     def _checked_run(self, n, length, max_tokens, budget, expected_steps, checks):

@@ -168,12 +168,18 @@ def host_flags(host: list[dict | None] | None, steal: float = 0.02) -> list[str]
     return [f"CPU steal up to {worst:.1%}"] if worst > steal else []
 
 
+HOST_BOUND = 0.9   # the engine core's CPU seconds over a run's wall time at which its steps wait on the host
+
+
 def report_lines(points: list[dict], samples: list[dict], limit: int = 60) -> list[str]:
     """The markdown section: how many points have clock samples or host CPU figures, and the
     flagged ones."""
     rows = []
-    clocked = hosted = 0
+    clocked = hosted = engined = bound = 0
     for p in points:
+        shares = [h["engine_cpu_share"] for h in (p.get("run_host") or []) if h and "engine_cpu_share" in h]
+        engined += bool(shares)
+        bound += bool(shares) and sorted(shares)[len(shares) // 2] >= HOST_BOUND
         runs = summarize(samples, p.get("run_windows") or []) if samples else []
         host = p.get("run_host") or []
         clocked += any(runs)
@@ -190,6 +196,10 @@ def report_lines(points: list[dict], samples: list[dict], limit: int = 60) -> li
              "median SM clocks more than 5% apart, a clock event other than idle / application clocks, or "
              "more than 2% of the CPU time stolen by the hypervisor. Per run: the warm-up run, then the short "
              "and long run of each pair.", ""]
+    if engined:
+        lines += [f"vLLM's engine-core process (it schedules and launches every step) over each run: {engined} point(s) "
+                  f"recorded (run_host: engine_cpu_s, engine_cpu_share, engine_cpu); in {bound} of them it was busy "
+                  f"for at least {HOST_BOUND:.0%} of the median run (host-bound steps).", ""]
     if rows:
         lines += ["| model | variant | point | median SM MHz per run | flags |", "|---|---|---|---|---|"]
         lines += rows[:limit]

@@ -152,7 +152,7 @@ def markdown(rows: list[dict], floor: float = FLOOR) -> str:
               f"- Points on a plan that is not all dense: {len(mixed)}; the tuner's sign (faster or not than "
               f"dense) agreed with end to end at {len(agree)}.",
               f"- Flagged: {len(flagged)}" + (": " + ", ".join(
-                  f"{r['variant']} {r['phase']} M={r['m']} ({_fmt(r['predicted'])} predicted, {_fmt(r['e2e'])})"
+                  f"{r['model']} {r['variant']} {r['phase']} M={r['m']} ({_fmt(r['predicted'])} predicted, {_fmt(r['e2e'])})"
                   for r in flagged) if flagged else "."), ""]
     return "\n".join(lines)
 
