@@ -168,7 +168,7 @@ def host_flags(host: list[dict | None] | None, steal: float = 0.02) -> list[str]
     return [f"CPU steal up to {worst:.1%}"] if worst > steal else []
 
 
-HOST_BOUND = 0.9   # the engine core's CPU seconds over a run's wall time at which its steps wait on the host
+HOST_BOUND = 0.9   # the engine core's CPU seconds over a run's wall time at which it never slept
 
 
 def report_lines(points: list[dict], samples: list[dict], limit: int = 60) -> list[str]:
@@ -199,7 +199,8 @@ def report_lines(points: list[dict], samples: list[dict], limit: int = 60) -> li
     if engined:
         lines += [f"vLLM's engine-core process (it schedules and launches every step) over each run: {engined} point(s) "
                   f"recorded (run_host: engine_cpu_s, engine_cpu_share, engine_cpu); in {bound} of them it was busy "
-                  f"for at least {HOST_BOUND:.0%} of the median run (host-bound steps).", ""]
+                  f"for at least {HOST_BOUND:.0%} of the median run (it never slept: host-bound steps, or a CPU "
+                  "spinning while it waits on the GPU).", ""]
     if rows:
         lines += ["| model | variant | point | median SM MHz per run | flags |", "|---|---|---|---|---|"]
         lines += rows[:limit]
