@@ -209,10 +209,7 @@ def test_speed_ups_prefer_the_baseline_of_their_own_run_and_mark_the_others(tmp_
     recs2 = recs[:4] + [{"kind": "session", "time": "t3", "argv": "..."}, _rec("q", "2_10-fp8", "prefill", 512, tok_s=7.0)]
     rows2 = {r["variant"]: r for r in mx.table_rows(recs2)}
     assert rows2["2_10-fp8"]["speedup"] == pytest.approx(7.0 / t["fp8_1"]) and rows2["2_10-fp8"]["same_run"] is False
-    f = mx.ResultsFile(tmp_path / mx.RESULTS)
-    for r in recs2:
-        f.append(r)
-    mx.write_report(tmp_path)
+    _write_report(tmp_path, recs2)
     md = (tmp_path / "e2e_matrix.md").read_text()
     assert f"7 ({7.0 / t['fp8_1']:.3f}x †)" in md
     assert f"{t['sp_1']:,.0f} ({t['sp_1'] / t['fp8_1']:.3f}x)" in md
@@ -291,6 +288,14 @@ def _synthetic(rng):
     recs.append({"kind": "crosscheck", "model": "llama3.2-1b", "variant": "2_8-fp8", "phase": "decode", "m": 256,
                  "ok": True, "tok_s": vals[("llama3.2-1b", "2_8-fp8", "decode", 256)] * 1.03, "settings": s})
     return recs, vals
+
+
+def _write_report(out, recs):
+    """The records as a results file in out, and the report rendered from it (its paths)."""
+    f = mx.ResultsFile(out / mx.RESULTS)
+    for r in recs:
+        f.append(r)
+    return mx.write_report(out)
 
 
 def test_report_from_synthetic_results(tmp_path):
@@ -656,10 +661,7 @@ def test_the_report_shows_a_difference_cross_check_beside_its_single_run(tmp_pat
     recs, vals = _synthetic(random.Random())
     sweep = vals[("llama3.2-1b", "2_8-fp8", "decode", 256)]
     recs[-1].update(method="difference", tok_s=sweep / 1.01, tok_s_single=sweep / 1.09)
-    f = mx.ResultsFile(tmp_path / mx.RESULTS)
-    for r in recs:
-        f.append(r)
-    mx.write_report(tmp_path)
+    _write_report(tmp_path, recs)
     md = (tmp_path / "e2e_matrix.md").read_text()
     assert f"(difference of two) | {1.01:.3f} | yes | {sweep / 1.09:,.0f} ({1.09:.3f}) |" in md
 

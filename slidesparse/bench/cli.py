@@ -271,7 +271,8 @@ def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base
         cc_vars = None
         if crosscheck_variants is not None:
             cc_vars = [v.name for v in mx.parse_variants(crosscheck_variants)]
-            unknown = [n for n in cc_vars if n not in {v.name for v in vlist}]
+            named = {v.name for v in vlist}
+            unknown = [n for n in cc_vars if n not in named]
             if unknown:
                 raise mx.MatrixError(f"--crosscheck-variants {unknown[0]!r} is not in --variants")
         if not pms and not dms:

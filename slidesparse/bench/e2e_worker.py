@@ -233,22 +233,22 @@ def descendants_cpu(proc: str, root: int) -> dict:
         names = [n for n in os.listdir(proc) if n.isdigit()]
     except OSError:
         return {}
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    parent, info = {}, {}
+    tick = os.sysconf("SC_CLK_TCK")
+    children, info = {}, {}
     for n in names:
         f = _proc_stat(f"{proc}/{n}/stat")
         if f is None or len(f) < 37:
             continue
         try:
-            parent[int(n)] = int(f[1])
-            info[int(n)] = ((int(f[11]) + int(f[12])) / tick, int(f[36]))
+            pid, ppid = int(n), int(f[1])
+            info[pid] = ((int(f[11]) + int(f[12])) / tick, int(f[36]))
         except ValueError:
             continue
+        children.setdefault(ppid, []).append(pid)
     out, todo = {}, [root]
     while todo:
-        p = todo.pop()
-        for c, pp in parent.items():
-            if pp == p and c not in out:
+        for c in children.get(todo.pop(), ()):
+            if c not in out:
                 out[c] = info[c]
                 todo.append(c)
     return out
@@ -257,8 +257,8 @@ def descendants_cpu(proc: str, root: int) -> dict:
 def cpu_delta(a: tuple, b: tuple, wall_s: float | None = None) -> dict:
     """What the host's CPU did between two snapshots: this process's CPU seconds, the fractions of
     all CPU time that were busy and stolen by the hypervisor (a VM's neighbours), and the busiest
-    descendant's CPU seconds (vLLM's engine core: near wall_s means its step loop is host-bound)
-    with the CPU it ran on at the start and the end."""
+    descendant's CPU seconds (vLLM's engine core: near wall_s means it never slept, host-bound or
+    spinning on the GPU) with the CPU it ran on at the start and the end."""
     out = {"self_cpu_s": round(b[0] - a[0], 4)}
     if a[1] and b[1]:
         total = b[1][2] - a[1][2]

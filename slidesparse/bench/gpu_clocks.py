@@ -177,11 +177,11 @@ def report_lines(points: list[dict], samples: list[dict], limit: int = 60) -> li
     rows = []
     clocked = hosted = engined = bound = 0
     for p in points:
-        shares = [h["engine_cpu_share"] for h in (p.get("run_host") or []) if h and "engine_cpu_share" in h]
+        host = p.get("run_host") or []
+        shares = [h["engine_cpu_share"] for h in host if h and "engine_cpu_share" in h]
         engined += bool(shares)
         bound += bool(shares) and sorted(shares)[len(shares) // 2] >= HOST_BOUND
         runs = summarize(samples, p.get("run_windows") or []) if samples else []
-        host = p.get("run_host") or []
         clocked += any(runs)
         hosted += any(host)
         flags = point_flags(runs) + host_flags(host)
