@@ -366,6 +366,8 @@ def test_report_only_cli_rerenders_and_refuses_a_missing_file(tmp_path):
     (["--base", "/definitely/not/here"], "no config.json"),
     (["--ckpt", "other:bf16=/x"], "not in --models"),
     (["--variants", "fp8,2_8-fp8", "--crosscheck", "--crosscheck-variants", "int8"], "'int8' is not in --variants"),
+    (["--pin-cpus", "1,2"], "ENGINE_CPUS/FRONT_CPUS"),
+    (["--pin-cpus", "0/0"], "overlap"),
 ])
 def test_matrix_cli_errors_are_one_line(args, message):
     from typer.testing import CliRunner
@@ -407,13 +409,14 @@ FAKE_WORKER = textwrap.dedent("""
     fake = spec["engine_args"]["fake"]
     with open(fake["calls"], "a") as f:
         f.write(json.dumps({"pid": os.getpid(), "standby": standby, "model": spec["model"],
-                            "no_compile_cache": os.environ.get("VLLM_DISABLE_COMPILE_CACHE"),
+                            "no_compile_cache": os.environ.get("VLLM_DISABLE_COMPILE_CACHE"), "pin": spec.get("pin"),
                             "points": [[p["phase"], p["m"]] for p in spec["points"]]}) + "\\n")
     if fake.get("startup_fail"):
         print(fake["startup_fail"], file=sys.stderr, flush=True)
         sys.exit(1)
     print("(Worker) INFO Model loading took %s GiB memory and 0.5 seconds" % fake["gib"], flush=True)
-    send(event="ready", startup_s=0.1, import_s=0.2, standby=standby, vllm="fake")
+    send(event="ready", startup_s=0.1, import_s=0.2, standby=standby, vllm="fake",
+         pinned=spec["pin"] and {**spec["pin"], "engine_core_pid": 1, "engine_threads": 1, "front_threads": 1})
     for p in spec["points"]:
         send(event="start", phase=p["phase"], m=p["m"])
         key = [p["phase"], p["m"]]
@@ -604,15 +607,38 @@ def test_a_fresh_run_measures_again_and_engines_run_without_the_compile_cache(tm
     assert sum(line.startswith("m1 (run of ") and "1 engine(s)" in line for line in md.splitlines()) == 2
 
 
+def test_engines_get_the_pinned_cpus_and_the_records_keep_them(tmp_path, monkeypatch):
+    plan, ck, fake = _fake_setup(tmp_path, monkeypatch)
+    cpus = sorted(os.sched_getaffinity(0))
+    with pytest.raises(mx.MatrixError, match="not available"):
+        mx.run_matrix(plan, tmp_path / "bad", ck, mx.Timeouts(60, 60), log=lambda s: None, pin_cpus="0/100000")
+    assert not (tmp_path / "calls.jsonl").exists()       # refused before any engine started
+    out = tmp_path / "out"
+    mx.run_matrix(plan, out, ck, mx.Timeouts(60, 60), log=lambda s: None, pin_cpus=f"{cpus[-1]}/{cpus[0]}")
+    want = {"engine": [cpus[-1]], "front": [cpus[0]], "others": cpus[1:-1]}
+    assert [c["pin"] for c in _calls(fake)] == [want]
+    assert sorted(os.sched_getaffinity(0)) == cpus          # the driver's own mask is given back
+    recs = mx.read_results(out / mx.RESULTS)[0]
+    assert [r["plan"]["pin"] for r in recs if r["kind"] == "session"] == [want]
+    engine = [r for r in recs if r["kind"] == "engine"][0]
+    assert engine["pinned"]["engine"] == want["engine"] and engine["pinned"]["front"] == want["front"]
+    assert all(r["engine"]["pinned"]["engine"] == want["engine"] for r in recs if r["kind"] == "point")
+
+
 def _fake_bench(monkeypatch, elapsed_of, totals_of=None):
     """subprocess.run standing in for `vllm bench throughput`: writes its --output-json with the
-    elapsed time elapsed_of(output_len) and prints the totals bench prints."""
-    calls = []
+    elapsed time elapsed_of(output_len) and prints the totals bench prints. calls.kw: each call's
+    subprocess keywords."""
+    class Calls(list):
+        kw: list = []
+    calls = Calls()
+    calls.kw = []
 
     def run(cmd, **kw):
         a = dict(zip(cmd[::1], cmd[1::1]))
         n, inp, outp = int(a["--num-prompts"]), int(a["--random-input-len"]), int(a["--random-output-len"])
         calls.append((n, inp, outp))
+        calls.kw.append(kw)
         prompt, output = (totals_of or (lambda n, i, o: (n * i, n * o)))(n, inp, outp)
         json.dump({"elapsed_time": elapsed_of(outp), "num_requests": n}, open(a["--output-json"], "w"))
         return subprocess.CompletedProcess(cmd, 0, f"Total num prompt tokens:  {prompt}\n"
@@ -638,6 +664,10 @@ def test_decode_cross_check_is_the_difference_of_two_bench_runs(tmp_path, monkey
     r = mx.bench_throughput(tmp_path / "ck", "prefill", 16384, s, v, tmp_path / "p.log", 60)
     assert calls == [(8 * mx.CROSSCHECK_PREFILL_STEPS, 2048, 1)] and r["method"] == "single"
     assert r["tok_s"] == pytest.approx(8 * mx.CROSSCHECK_PREFILL_STEPS * 2048 / (fixed + 0 * step))
+    assert calls.kw[-1]["preexec_fn"] is None and "cpus" not in r
+    # on the sweep's pinned CPUs: the bench process gets an affinity hook, the record the CPUs
+    r = mx.bench_throughput(tmp_path / "ck", "decode", 256, s, v, tmp_path / "cc.log", 60, cpus=[0, 1])
+    assert all(callable(k["preexec_fn"]) for k in calls.kw[-2:]) and r["cpus"] == [0, 1]
     # a long run that is not slower, or a bench that ran other totals, is a failure, not a number
     _fake_bench(monkeypatch, lambda outp: 1.0)
     r = mx.bench_throughput(tmp_path / "ck", "decode", 64, s, v, tmp_path / "cc.log", 60)
@@ -760,14 +790,19 @@ def _env(**extra):
 def test_matrix_sweep_in_vllm_cpu_checks_tokens_per_step(tmp_path):
     """Two engines (the second started in standby), three points each, every step's tokens checked
     against vLLM's metrics; the `vllm bench throughput` cross-check at one decode point; then a
-    re-run that skips them all."""
+    re-run that skips them all. The engine core pinned to one CPU, the front-end to another: every
+    run's engine core must have run there (vllm-cpu's own OpenMP binding, which re-binds the
+    engine core's compute thread at its first parallel region, is off: the GPU build has none)."""
     out, models = tmp_path / "out", tmp_path / "models"
+    cpus = sorted(os.sched_getaffinity(0))
+    engine_cpu, front_cpu = cpus[-1], cpus[0]       # the CI machine and this one have two CPUs
     args = [PY, "-m", "slidesparse.cli", "bench", "e2e", "--matrix", "--models", "tiny-llama", "--variants", "bf16,2_8-int8",
             "--prefill-m", "128,256", "--decode-m", "4", "--prefill-len", "128", "--decode-steps", "32",
             "--decode-warm-steps", "2", "--repeats", "2", "--max-repeats", "2", "--min-window", "0.1", "--max-steps", "16",
             "--enforce-eager", "--engine-arg", "dtype=float32", "--ckpt-dir", str(models), "--out", str(out),
-            "--crosscheck", "--crosscheck-prefill-m", "0", "--crosscheck-decode-m", "4"]
-    p = subprocess.run(args, capture_output=True, text=True, timeout=900, env=_env())
+            "--crosscheck", "--crosscheck-prefill-m", "0", "--crosscheck-decode-m", "4",
+            "--pin-cpus", f"{engine_cpu}/{front_cpu}"]
+    p = subprocess.run(args, capture_output=True, text=True, timeout=900, env=_env(VLLM_CPU_OMP_THREADS_BIND="nobind"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     recs, bad = mx.read_results(out / mx.RESULTS)
     assert bad == 0
@@ -777,8 +812,13 @@ def test_matrix_sweep_in_vllm_cpu_checks_tokens_per_step(tmp_path):
     engines = [r for r in recs if r["kind"] == "engine"]
     assert [(e["variant"], e["standby"]) for e in engines] == [("bf16", False), ("2_8-int8", True)]
     assert all(e["ok"] and e["import_s"] > 0 and e["startup_s"] > 0 for e in engines)
+    for e in engines:
+        assert e["pinned"]["engine"] == [engine_cpu] and e["pinned"]["front"] == [front_cpu], e["pinned"]
+        assert e["pinned"]["engine_threads"] >= 1 and e["pinned"]["front_threads"] >= 1
     for (_, _, phase, m), r in pts.items():
         assert r["ok"], r
+        # where the busiest child (the engine core) ran at the start and the end of every run
+        assert {c for h in r["run_host"] for c in h["engine_cpu"]} == {engine_cpu}, r["run_host"]
         s1, s2, reps = r["steps_short"], r["steps_long"], 2
         # prefill: at least --min-steps (6 by default) steps in the timed difference, at most --max-steps
         assert phase == "decode" or 6 <= s2 - s1 <= 16, (s1, s2)
@@ -793,6 +833,7 @@ def test_matrix_sweep_in_vllm_cpu_checks_tokens_per_step(tmp_path):
     # each decode check is two bench runs (the sweep's short and long one) and their difference
     assert len(cc) == 2 and all(c["ok"] and c["phase"] == "decode" and c["method"] == "difference"
                                 and c["tok_s"] > 0 and c["output_tokens"] == 4 * 35 for c in cc), cc
+    assert all(c["cpus"] == sorted({engine_cpu, front_cpu}) for c in cc)
     md = (out / "e2e_matrix.md").read_text()
     assert "Cross-check" in md and "tiny-llama: prefill" in md
     assert (models / "tiny-llama-SlideSparse-2_8-int8" / "config.json").exists()

@@ -20,7 +20,8 @@
 # hostcost (tools/gpu_host_cost.py: where one layer call's host time goes, three shapes);
 # bench (`slidesparse bench kernel`); gemm (tools/gpu_gemm_compare.py: the GEMM with its epilogue
 # against vLLM's CUTLASS dense, torch._scaled_mm, cuSPARSELt, torchao's CUTLASS 2:4 kernel when
-# .whl/ holds its wheel, and SlideSparse's CUTLASS kernel); gemm010 (the same problems on
+# .whl/ holds its wheel, and SlideSparse's CUTLASS kernel); gemmclocks (tools/gpu_gemm_clocks.py:
+# each kernel sustained with the SM clock and power beside it, CLOCKS_PRESET at CLOCKS_M); gemm010 (the same problems on
 # cuSPARSELt 0.10 through LD_PRELOAD of $CSLT010, waiting up to GEMM010_WAIT s for the file, which
 # later device calls assemble from .cslt010/). SGPT_WHEN=first runs the sparsegpt stage alone right
 # after the checkpoints are made, before the other GPU stages. Everything lands in $RES (default
@@ -163,6 +164,15 @@ if [[ " $STAGES " == *" gemm "* ]]; then
   say "gemm compare (tools/gpu_gemm_compare.py)"
   gemm_compare compare > "$RES/gemm_compare.log" 2>&1
   say "gemm: exit $?"
+fi
+if [[ " $STAGES " == *" gemmclocks "* ]]; then
+  # sustained runs of each kernel with the SM clock and power sampled beside them: the clock and
+  # the per-cycle share of the MMA peak, apart (tools/gpu_gemm_clocks.py)
+  say "gemm clocks (tools/gpu_gemm_clocks.py)"
+  mkdir -p "$RES/gemm"
+  timeout ${GEMM_TIMEOUT:-600} python3 tools/gpu_gemm_clocks.py --out "$RES/gemm/clocks_${CLOCKS_PRESET:-qwen2.5-7b}" \
+    --preset "${CLOCKS_PRESET:-qwen2.5-7b}" --m "${CLOCKS_M:-16384}" > "$RES/gemm_clocks.log" 2>&1
+  say "gemm clocks: exit $?"
 fi
 
 # the checkpoints the preparation made (a conversion can fail, e.g. on a full disk: the 64 GB host

@@ -196,6 +196,9 @@ def e2e(
     compile_cache: bool = typer.Option(False, "--compile-cache/--no-compile-cache",
                                        help=f"{_MATRIX}: keep vLLM's torch.compile cache (off: every engine compiles "
                                             "another checkpoint, so the cache is never read; start-up only)"),
+    pin_cpus: Optional[str] = typer.Option(None, help=f"{_MATRIX}: 'auto' or ENGINE_CPUS/FRONT_CPUS (e.g. 4,20/5,21): "
+                                           "vLLM's engine core and the front-end on CPUs of their own in every "
+                                           "engine (host-bound points then do not depend on where Linux put them)"),
     crosscheck: bool = typer.Option(False, help=f"{_MATRIX}: also run `vllm bench throughput` at prefill "
                                                 "--crosscheck-prefill-m and decode --crosscheck-decode-m per variant"),
     crosscheck_prefill_m: int = typer.Option(16384, help=f"{_MATRIX}: 0 for none"),
@@ -231,7 +234,7 @@ def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base
                 repeats, max_repeats, target_mad, min_window, min_steps, max_steps, decode_steps, decode_warm_steps,
                 prefill_len, decode_prompt_len,
                 engine_arg, enforce_eager, startup_timeout, point_timeout, retry_failed, fresh_run, clock_log, compile_cache,
-                crosscheck,
+                pin_cpus, crosscheck,
                 crosscheck_prefill_m, crosscheck_decode_m, crosscheck_variants, report_only, dry_run):
     import json
     import signal
@@ -287,6 +290,11 @@ def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base
                 raise mx.MatrixError(f"--base {m}={p}: no config.json there")
         if startup_timeout <= 0 or point_timeout <= 0:
             raise mx.MatrixError("timeouts must be positive")
+        if pin_cpus:
+            try:
+                mx.cpu_pin.resolve(pin_cpus)
+            except mx.cpu_pin.PinError as e:
+                raise mx.MatrixError(str(e)) from None
     except mx.MatrixError as e:
         _fail(str(e))
     plan = mx.Plan(mlist, vlist, pms, dms, settings, crosscheck=cc, crosscheck_variants=cc_vars)
@@ -312,7 +320,7 @@ def _e2e_matrix(out, models, variants, prefill_m, decode_m, ckpt_dir, ckpt, base
         paths = mx.run_matrix(plan, outdir, ck, mx.Timeouts(startup_timeout, point_timeout), retry_failed=retry_failed,
                               delete_base=delete_base, log=lambda s: typer.echo(s, err=True),
                               prepare_ahead=prepare_ahead, standby=standby, fresh_run=fresh_run,
-                              compile_cache=compile_cache, clock_log=clock_log)
+                              compile_cache=compile_cache, clock_log=clock_log, pin_cpus=pin_cpus)
     except BaseException as e:
         # Ctrl-C, or the top-level CLI's signal exception (a BaseException): the engine is already
         # stopped (run_engine's finally); keep the report current, then let the signal end the run

