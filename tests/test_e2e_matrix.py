@@ -623,6 +623,8 @@ def test_engines_get_the_pinned_cpus_and_the_records_keep_them(tmp_path, monkeyp
     engine = [r for r in recs if r["kind"] == "engine"][0]
     assert engine["pinned"]["engine"] == want["engine"] and engine["pinned"]["front"] == want["front"]
     assert all(r["engine"]["pinned"]["engine"] == want["engine"] for r in recs if r["kind"] == "point")
+    md = (out / "e2e_matrix.md").read_text()
+    assert f"| {cpus[-1]} / {cpus[0]} |" in md          # the engine table names where the engine ran
 
 
 def _fake_bench(monkeypatch, elapsed_of, totals_of=None):

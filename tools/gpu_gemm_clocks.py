@@ -160,7 +160,8 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    clock_path = out.with_suffix(".clocks.csv")
+    # suffixes appended, not swapped: a name such as clocks_qwen2.5-7b has a dot of its own
+    clock_path = Path(f"{out}.clocks.csv")
     log = ClockLog.start(clock_path)
     if log is None:
         print("error: nvidia-smi cannot sample this GPU's clocks", file=sys.stderr)
@@ -199,9 +200,9 @@ def main() -> int:
             "host": platform.node(), "command": "python " + shlex.join(sys.argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "preset": args.preset, "m": args.m}
     rows = table(runs, meta["sms"])
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": runs, "rows": rows}, indent=1))
+    Path(f"{out}.json").write_text(json.dumps({"meta": meta, "runs": runs, "rows": rows}, indent=1))
     md = render(rows, runs, meta)
-    out.with_suffix(".md").write_text(md)
+    Path(f"{out}.md").write_text(md)
     print(md)
     return 0
 

@@ -1165,14 +1165,22 @@ def _time_by_run(records: list[dict]) -> dict:
     return out
 
 
+def _cpus_text(pinned: dict | None) -> str:
+    if not pinned:
+        return ""
+    return f"{','.join(map(str, pinned['engine']))} / {','.join(map(str, pinned['front']))}"
+
+
 def engine_lines(records: list[dict], engines: dict) -> list[str]:
     times = engine_time(records)
     lines = ["## Engines", "",
              "Start-up is what the sweep waited for; with a standby worker (the next variant's process started "
              "beside the current engine's start-up) vLLM's import is paid before it and shown apart. "
-             "Points s: the points' own time in all of this variant's engines.", "",
-             "| model | variant | vLLM import s | start-up s | points s | weights GiB | torch.compile s | graph capture s | KV tokens |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "Points s: the points' own time in all of this variant's engines. CPUs: where `--pin-cpus` put vLLM's "
+             "engine core / the front-end.", "",
+             "| model | variant | vLLM import s | start-up s | points s | weights GiB | torch.compile s | graph capture s | "
+             "KV tokens | CPUs |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
 
     def f(e, k, fmt="{:.1f}"):
         return "" if e.get(k) is None else fmt.format(e[k])
@@ -1181,7 +1189,7 @@ def engine_lines(records: list[dict], engines: dict) -> list[str]:
         pts = times.get((model, variant), {}).get("points_s")
         lines.append(f"| {model} | {variant} | {imp} | {f(e, 'startup_s')} | {'' if pts is None else f'{pts:.1f}'} | "
                      f"{f(e, 'weights_gib', '{:.2f}')} | {f(e, 'compile_s')} | {f(e, 'graph_capture_s')} | "
-                     f"{f(e, 'kv_cache_tokens', '{:,}')} |")
+                     f"{f(e, 'kv_cache_tokens', '{:,}')} | {_cpus_text(e.get('pinned'))} |")
     lines.append("")
     # per model and run: what one sweep (one invocation, one lease) cost, not the sum over re-runs
     by_run = _time_by_run(records)
