@@ -124,17 +124,7 @@ def sustained(fns: list, seconds: float, target_replay_s: float = 0.05) -> tuple
     b.record()
     b.synchronize()
     reps = max(1, int(target_replay_s * 1e3 / max(a.elapsed_time(b), 1e-3)))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        once()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            once()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph = gcmp.capture(once, reps)
     n = max(1, int(seconds / target_replay_s))
     t0 = time.time()
     a.record()

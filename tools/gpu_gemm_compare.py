@@ -87,25 +87,31 @@ def pruned_slid(n, k, pattern, dtype, g):
     return pm.slide(w[:, :k].contiguous(), pat).view(dtype)
 
 
+def capture(fn, reps: int) -> "torch.cuda.CUDAGraph":
+    """One CUDA graph of `reps` back-to-back calls of fn, replayed once. fn is warmed up first
+    (Triton autotune, cuSPARSELt plan, module load) outside the capture, also on a side stream."""
+    fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    return g
+
+
 def timed(fns: dict, reps: int, rounds: int) -> dict:
     """name -> callable; returns name -> (median ms per call, None) or (None, error)."""
     graphs, res = {}, {}
     for name, fn in fns.items():
         try:
-            fn()  # warm up (Triton autotune, cuSPARSELt plan, module load) outside the capture
-            torch.cuda.synchronize()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(reps):
-                    fn()
-            g.replay()
-            torch.cuda.synchronize()
-            graphs[name] = g
+            graphs[name] = capture(fn, reps)
         except Exception as e:  # noqa: BLE001 - recorded per variant
             res[name] = (None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     times = {name: [] for name in graphs}
