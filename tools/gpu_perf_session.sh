@@ -21,7 +21,8 @@
 # bench (`slidesparse bench kernel`); gemm (tools/gpu_gemm_compare.py: the GEMM with its epilogue
 # against vLLM's CUTLASS dense, torch._scaled_mm, cuSPARSELt, torchao's CUTLASS 2:4 kernel when
 # .whl/ holds its wheel, and SlideSparse's CUTLASS kernel); gemmclocks (tools/gpu_gemm_clocks.py:
-# each kernel sustained with the SM clock and power beside it, CLOCKS_PRESET at CLOCKS_M); gemm010 (the same problems on
+# each kernel sustained with the SM clock and power beside it, CLOCKS_PRESET at CLOCKS_M); ncu
+# (tools/gpu_ncu_gemm.py: the same kernels' hardware counters under Nsight Compute); gemm010 (the same problems on
 # cuSPARSELt 0.10 through LD_PRELOAD of $CSLT010, waiting up to GEMM010_WAIT s for the file, which
 # later device calls assemble from .cslt010/). SGPT_WHEN=first runs the sparsegpt stage alone right
 # after the checkpoints are made, before the other GPU stages. Everything lands in $RES (default
@@ -173,6 +174,17 @@ if [[ " $STAGES " == *" gemmclocks "* ]]; then
   timeout ${GEMM_TIMEOUT:-600} python3 tools/gpu_gemm_clocks.py --out "$RES/gemm/clocks_${CLOCKS_PRESET:-qwen2.5-7b}" \
     --preset "${CLOCKS_PRESET:-qwen2.5-7b}" --m "${CLOCKS_M:-16384}" > "$RES/gemm_clocks.log" 2>&1
   say "gemm clocks: exit $?"
+fi
+
+if [[ " $STAGES " == *" ncu "* ]]; then
+  # the hardware counters of the same kernels (tools/gpu_ncu_gemm.py): tensor pipe, shared-memory
+  # banks, L2/DRAM, stalls; NCU_DTYPES (fp8), NCU_PRESET (CLOCKS_PRESET), NCU_M (CLOCKS_M)
+  say "ncu counters (tools/gpu_ncu_gemm.py)"
+  mkdir -p "$RES/ncu"
+  timeout ${NCU_TIMEOUT:-420} python3 tools/gpu_ncu_gemm.py --out "$RES/ncu/ncu_${NCU_PRESET:-${CLOCKS_PRESET:-qwen2.5-7b}}" \
+    --preset "${NCU_PRESET:-${CLOCKS_PRESET:-qwen2.5-7b}}" --m "${NCU_M:-${CLOCKS_M:-16384}}" --dtypes "${NCU_DTYPES:-fp8}" \
+    > "$RES/ncu.log" 2>&1
+  say "ncu: exit $?"
 fi
 
 # the checkpoints the preparation made (a conversion can fail, e.g. on a full disk: the 64 GB host
