@@ -45,7 +45,9 @@ WANTED = [
     r"sm__pipe_tensor_op_gmma_cycles_active", r"sm__inst_executed_pipe_tensor_op_gmma",
     r"sm__pipe_tensor_op_hmma_cycles_active", r"sm__pipe_tensor_cycles_active",
     r"l1tex__data_bank_reads", r"l1tex__data_bank_writes", r"l1tex__data_pipe_lsu_wavefronts_mem_shared",
-    r"l1tex__data_bank_conflicts_pipe_lsu_mem_shared",
+    r"l1tex__data_bank_conflicts_pipe_lsu_mem_shared", r"l1tex__data_pipe_lsu_wavefronts_mem_shared_op_gmma",
+    r"l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_gmma", r"l1tex__lsuin_requests_op_gmma",
+    r"sm__inst_executed_pipe_tensor", r"sm__pipe_tensor_op_gmma_cycles_active_realtime",
     r"l1tex__throughput", r"lts__throughput", r"dram__throughput", r"dram__bytes_read", r"dram__bytes_write",
     r"lts__t_bytes", r"sm__throughput", r"l1tex__m_xbar2l1tex_read_bytes",
     r"sm__ops_path_tensor_src_fp8.*", r"sm__ops_path_tensor_src_int8.*",
@@ -185,7 +187,8 @@ def summarize(entries: list[dict], groups: list[list[dict]], units: dict, sms: i
             elif key.endswith(".peak_sustained"):
                 row["metrics"][key] = vals[0]
         # per SM-cycle rates of the shared-memory banks (the unit is ncu's, recorded beside)
-        for base in ("l1tex__data_bank_reads", "l1tex__data_bank_writes", "l1tex__data_pipe_lsu_wavefronts_mem_shared"):
+        for base in ("l1tex__data_bank_reads", "l1tex__data_bank_writes", "l1tex__data_pipe_lsu_wavefronts_mem_shared",
+                     "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_gmma"):
             s = row["metrics"].get(f"{base}.sum")
             if s is not None and total_cyc:
                 row["metrics"][f"{base} per SM-cycle"] = s / (total_cyc * sms)
@@ -199,6 +202,7 @@ KEY_COLS = [  # (label, metric key) for the markdown table, when collected
     ("smem bank writes % peak", "l1tex__data_bank_writes.avg.pct_of_peak_sustained_elapsed"),
     ("reads per SM-cycle", "l1tex__data_bank_reads per SM-cycle"),
     ("writes per SM-cycle", "l1tex__data_bank_writes per SM-cycle"),
+    ("GMMA smem wavefronts per SM-cycle", "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_gmma per SM-cycle"),
     ("L1/smem throughput %", "l1tex__throughput.avg.pct_of_peak_sustained_elapsed"),
     ("L2 %", "lts__throughput.avg.pct_of_peak_sustained_elapsed"),
     ("DRAM %", "dram__throughput.avg.pct_of_peak_sustained_elapsed"),
